@@ -1,0 +1,61 @@
+"""Configuration dataclasses: the schema of every knob in myvlm.
+
+The library takes these dataclasses (or keywords); Hydra only composes them from YAML
+at the command-line edge (``configs/`` and ``myvlm.cli``). Defaults follow the MyVLM
+paper and its reference code for BLIP-2.
+
+    from myvlm.config import BackboneConfig, TrainConfig
+    TrainConfig(steps=50, reg_lambda=0.0)
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Optional
+
+
+@dataclass
+class BackboneConfig:
+    name_or_path: str = "Salesforce/blip2-opt-2.7b"  # hub id or local folder of a saved checkpoint
+    type: Optional[str] = None  # backbone registry key ("blip2", ...); None = infer from the checkpoint's config
+    revision: Optional[str] = None  # hub revision (branch, tag or commit); recorded in concept files
+    device: Optional[str] = None  # "cpu", "cuda", "cuda:1", ...; None = cuda when available, else cpu
+    dtype: Optional[str] = None  # "float32", "bfloat16", "float16"; None = bfloat16 on GPU, float32 on CPU
+    injection: Optional[str] = None  # where the concept token joins the visual features; None = backbone default
+    max_new_tokens: int = 30  # caption / answer length limit for generation
+    local_files_only: Optional[bool] = None  # None = follow HF_HUB_OFFLINE
+
+
+@dataclass
+class AugmentConfig:
+    hflip_p: float = 0.5  # probability of a horizontal flip
+    brightness: float = 0.6  # ColorJitter brightness factor range [1-b, 1+b]
+    rotation_degrees: float = 45.0  # random rotation in [-d, d] degrees
+    enabled: bool = True  # False = the training images are used as they are (ablation)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100  # optimisation steps
+    batch_size: int = 4  # images per step (sampled without replacement, cycling through the photos)
+    lr: float = 1.0  # AdamW learning rate (constant), as in the reference code
+    weight_decay: float = 1e-4  # AdamW weight decay
+    grad_clip: float = 0.05  # max grad norm, per concept vector
+    reg_lambda: float = 0.04  # weight of the attention regularizer lambda * mean(p^2)
+    checkpoint_every: int = 25  # save the concept vector every N steps (0 = never); needs an output folder
+    seed: int = 0  # seeds caption sampling, augmentation and the initial vector
+    init_std: float = 1.0  # std of the random initial concept vector (it is norm-matched anyway)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        values = dict(values)
+        augment = AugmentConfig(**values.pop("augment", {}))
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown training option(s) {sorted(unknown)}; known: {sorted(known)}")
+        return cls(augment=augment, **values)

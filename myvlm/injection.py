@@ -1,0 +1,160 @@
+"""Concept injection: learned concept tokens appended to a frozen VLM's visual features.
+
+    bank = ConceptBank(["my_dog", "anna"], dim=backbone.concept_dim)
+    with ConceptInjector(backbone, bank) as injector:       # hooks attached
+        with injector.activate([["my_dog"], [], ["my_dog", "anna"]]):  # per-sample gating
+            captions = backbone.generate(images)
+    # hooks removed: the backbone is exactly vanilla again
+
+Each active concept adds one token per sample. Its value is the concept vector
+L2-normalised and rescaled to the mean norm of that sample's image tokens (paper Eq. 3).
+Samples with fewer active concepts than others get masked padding slots; when no sample
+in a batch has an active concept the hooks change nothing at all. Concept state, gating
+and the attention penalty are all per sample, so several concepts can train in one batch.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Iterator, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from myvlm.backbones.base import Backbone
+
+logger = logging.getLogger(__name__)
+
+ConceptRef = Union[int, str]
+
+
+class ConceptBank(nn.Module):
+    """C concept vectors of width D: ``values`` is the only trainable tensor of a personalization."""
+
+    def __init__(self, names: Sequence[str], dim: int, values: Optional[torch.Tensor] = None, init_std: float = 1.0):
+        super().__init__()
+        if len(set(names)) != len(names):
+            raise ValueError(f"concept names must be unique, got {list(names)}")
+        self.names = list(names)
+        if values is None:
+            values = torch.randn(len(self.names), dim) * init_std
+        if values.shape != (len(self.names), dim):
+            raise ValueError(f"concept values have shape {tuple(values.shape)}, expected ({len(self.names)}, {dim})")
+        self.values = nn.Parameter(values.detach().clone().float())  # (C, D), kept in fp32
+
+    @property
+    def dim(self) -> int:
+        return self.values.shape[1]
+
+    def index(self, ref: ConceptRef) -> int:
+        if isinstance(ref, int):
+            if not 0 <= ref < len(self.names):
+                raise IndexError(f"concept index {ref} out of range for {len(self.names)} concepts")
+            return ref
+        try:
+            return self.names.index(ref)
+        except ValueError:
+            raise KeyError(f"unknown concept {ref!r}; this bank holds {self.names}") from None
+
+
+class ConceptInjector:
+    """Owns the hooks and the per-sample gating state for one backbone and one bank."""
+
+    def __init__(self, backbone: "Backbone", bank: ConceptBank):
+        if bank.dim != backbone.concept_dim:
+            raise ValueError(
+                f"concept width {bank.dim} does not match {backbone.backbone_type} injection point "
+                f"{backbone.injection!r} of width {backbone.concept_dim}"
+            )
+        self.backbone = backbone
+        self.bank = bank
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._ids: Optional[torch.Tensor] = None  # (B, K) concept indices, padded with 0
+        self._mask: Optional[torch.Tensor] = None  # (B, K) True where a slot holds an active concept
+        self._attention: list[torch.Tensor] = []  # per recorded layer: (B,) mean p^2 over active slots
+
+    # ---- hooks -------------------------------------------------------------------------------
+    def attach(self) -> "ConceptInjector":
+        if not self._handles:
+            self._handles = self.backbone.install_hooks(self)
+        return self
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+    def __enter__(self) -> "ConceptInjector":
+        return self.attach()
+
+    def __exit__(self, *exc: object) -> None:
+        self.detach()
+
+    # ---- gating ------------------------------------------------------------------------------
+    @contextmanager
+    def activate(self, active: Sequence[Sequence[ConceptRef]]) -> Iterator["ConceptInjector"]:
+        """Make ``active[b]`` the concepts of sample ``b`` inside the block."""
+        if not self.attached:
+            raise RuntimeError("attach the injector (use it as a context manager) before activating concepts")
+        rows = [[self.bank.index(ref) for ref in sample] for sample in active]
+        for row in rows:
+            if len(set(row)) != len(row):
+                raise ValueError(f"a concept is listed twice for one sample: {row}")
+        width = max((len(row) for row in rows), default=0)
+        self._attention = []
+        if width:
+            device = self.bank.values.device
+            self._ids = torch.tensor([row + [0] * (width - len(row)) for row in rows], device=device)
+            self._mask = torch.tensor([[True] * len(row) + [False] * (width - len(row)) for row in rows], device=device)
+        try:
+            yield self
+        finally:
+            self._ids = self._mask = None
+
+    @property
+    def batch_size(self) -> Optional[int]:
+        return None if self._ids is None else self._ids.shape[0]
+
+    @property
+    def concept_tokens_count(self) -> int:
+        """K: the number of concept slots appended to every sample of the current batch."""
+        return 0 if self._ids is None else self._ids.shape[1]
+
+    def concept_tokens(self, image_tokens: torch.Tensor) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """Tokens to append to ``image_tokens`` (B, N, D): ((B, K, D), mask (B, K)), or None if none is active."""
+        if self._ids is None:
+            return None
+        if image_tokens.shape[0] != self._ids.shape[0]:
+            raise ValueError(
+                f"concepts were activated for {self._ids.shape[0]} samples but the batch has {image_tokens.shape[0]}"
+            )
+        ids, mask = self._ids.to(image_tokens.device), self._mask.to(image_tokens.device)
+        values = self.bank.values.to(image_tokens.device)[ids]  # (B, K, D), fp32
+        target_norm = image_tokens.detach().float().norm(dim=-1).mean(dim=1)  # (B,) mean norm of the image tokens
+        tokens = nn.functional.normalize(values, dim=-1) * target_norm[:, None, None]
+        tokens = tokens * mask[..., None]  # padded slots carry zeros (they are masked out as well)
+        return tokens.to(image_tokens.dtype), mask
+
+    # ---- attention regularizer ---------------------------------------------------------------
+    def record_attention(self, concept_probs: torch.Tensor) -> None:
+        """Take one layer's attention probabilities onto the concept slots, (B, H, Q, K)."""
+        if self._mask is None:
+            return
+        mask = self._mask.to(concept_probs.device)
+        squared = concept_probs.float().pow(2) * mask[:, None, None, :]
+        heads, queries = concept_probs.shape[1], concept_probs.shape[2]
+        per_sample = squared.sum(dim=(1, 2, 3)) / (heads * queries * mask.sum(dim=1).clamp(min=1))
+        self._attention.append(per_sample)
+
+    def attention_penalty(self) -> torch.Tensor:
+        """Sum over recorded layers of mean(p^2) onto active concepts, per sample (B,)."""
+        if not self._attention:
+            size = self.batch_size or 0
+            return torch.zeros(size, device=self.bank.values.device)
+        return torch.stack(self._attention).sum(dim=0)

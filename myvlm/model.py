@@ -1,0 +1,130 @@
+"""A frozen VLM with a set of concepts: captions and answers that name what the heads recognise.
+
+    vlm = MyVLM(backbone, [load_concept("concepts/my_dog")])
+    results = vlm.caption(["beach.jpg", "park.jpg"])
+    results[0].text          # "sks is lying on the beach"
+    results[0].detections    # {"my_dog": Detection(score=0.97, threshold=0.5, fired=True)}
+
+For every image, each concept's head decides whether the concept is present; the active
+concepts of each image are injected for that image only, so one batch mixes images with
+and without concepts. Images with no active concept get exactly the vanilla output.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from myvlm.backbones.base import Backbone
+from myvlm.concept import Concept, ConceptError
+from myvlm.heads import Detection
+from myvlm.images import ImageLike, load_image
+from myvlm.injection import ConceptBank, ConceptInjector
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class CaptionResult:
+    text: str  # the generated caption or answer
+    active: list[str]  # concepts injected for this image
+    detections: dict[str, Detection] = field(default_factory=dict)  # every head's decision, by concept name
+    source: str = ""  # file name when the image came from a path
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "image": self.source, "text": self.text, "active": self.active,
+            "detections": {n: {"score": d.score, "threshold": d.threshold, "fired": d.fired}
+                           for n, d in self.detections.items()},
+        }
+
+
+def _source_name(source: ImageLike) -> str:
+    return "" if isinstance(source, Image.Image) else str(source)
+
+
+class MyVLM:
+    """A backbone plus concepts. Concepts are checked against the backbone when added."""
+
+    def __init__(self, backbone: Backbone, concepts: Sequence[Concept] = (), strict_backbone: bool = True):
+        self.backbone = backbone
+        self.strict_backbone = strict_backbone
+        self.concepts: dict[str, Concept] = {}
+        for concept in concepts:
+            self.add(concept)
+
+    def add(self, concept: Concept) -> None:
+        concept.check_compatible(self.backbone, strict_name=self.strict_backbone)
+        if concept.name in self.concepts:
+            raise ConceptError(f"a concept named {concept.name!r} is already loaded")
+        self.concepts[concept.name] = concept
+
+    def remove(self, name: str) -> None:
+        self.concepts.pop(name)
+
+    def _bank(self) -> ConceptBank:
+        names = list(self.concepts)
+        values = (torch.stack([self.concepts[n].embedding for n in names]) if names
+                  else torch.zeros(0, self.backbone.concept_dim))
+        bank = ConceptBank(names, self.backbone.concept_dim, values=values).to(self.backbone.device)
+        bank.requires_grad_(False)
+        return bank
+
+    def detect(self, images: Sequence[Any], only: Optional[Sequence[str]] = None) -> list[dict[str, Detection]]:
+        """Every head's decision for every image (concepts without a head are never detected)."""
+        names = [n for n in (only if only is not None else self.concepts) if self.concepts[n].head is not None]
+        per_image: list[dict[str, Detection]] = [{} for _ in images]
+        for name in names:
+            for row, detection in zip(per_image, self.concepts[name].head.detect(images)):
+                row[name] = detection
+        for i, row in enumerate(per_image):
+            logger.debug("image %d: %s", i, {n: (round(d.score, 4), d.threshold, d.fired) for n, d in row.items()})
+        return per_image
+
+    def _run(
+        self, images: Sequence[ImageLike], prompts: Optional[Sequence[str]], concepts: Optional[Sequence[str]],
+        force: Optional[Sequence[str]], batch_size: int, progress: bool, **generate_kwargs: Any,
+    ) -> list[CaptionResult]:
+        unknown = set(concepts or ()) | set(force or ())
+        unknown -= set(self.concepts)
+        if unknown:
+            raise ConceptError(f"unknown concept(s) {sorted(unknown)}; loaded: {sorted(self.concepts)}")
+        bank, results = self._bank(), []
+        starts = range(0, len(images), batch_size)
+        with ConceptInjector(self.backbone, bank) as injector:
+            for start in tqdm(starts, desc="captioning", disable=not progress or len(starts) < 2):
+                sources = images[start : start + batch_size]
+                loaded = [load_image(s) for s in sources]
+                detections = self.detect(loaded, only=concepts)
+                active = [sorted({n for n, d in row.items() if d.fired} | set(force or ())) for row in detections]
+                batch_prompts = prompts[start : start + batch_size] if prompts is not None else None
+                with injector.activate(active):
+                    texts = self.backbone.generate(loaded, batch_prompts, **generate_kwargs)
+                for text, names, row, src in zip(texts, active, detections, sources):
+                    results.append(CaptionResult(text, names, row, _source_name(src)))
+        return results
+
+    def caption(
+        self, images: Sequence[ImageLike], concepts: Optional[Sequence[str]] = None,
+        force: Optional[Sequence[str]] = None, prompt: Optional[str] = None, batch_size: int = 8,
+        progress: bool = True, **generate_kwargs: Any,
+    ) -> list[CaptionResult]:
+        """Caption images; ``concepts`` limits which heads run, ``force`` activates concepts without heads."""
+        images = list(images)
+        prompt = prompt if prompt is not None else self.backbone.default_prompt
+        prompts = [prompt] * len(images) if prompt else None
+        return self._run(images, prompts, concepts, force, batch_size, progress, **generate_kwargs)
+
+    def ask(
+        self, images: Sequence[ImageLike], question: str, concepts: Optional[Sequence[str]] = None,
+        force: Optional[Sequence[str]] = None, batch_size: int = 8, progress: bool = True, **generate_kwargs: Any,
+    ) -> list[CaptionResult]:
+        """Answer ``question`` about each image, with the concepts its heads recognise."""
+        images = list(images)
+        prompts = [self.backbone.question_prompt(question)] * len(images)
+        return self._run(images, prompts, concepts, force, batch_size, progress, **generate_kwargs)

@@ -1,0 +1,105 @@
+"""Training the concept embedding: the loss falls, the VLM does not change, checkpoints work."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from myvlm.config import AugmentConfig, TrainConfig
+from myvlm.data import make_examples
+from myvlm.injection import ConceptBank, ConceptInjector
+from myvlm.training import check_only_concepts_train, train_concepts
+
+CAPTIONS = [["sks is lying on the beach"], ["sks is on the grass"], ["sks sitting on the sofa"], ["sks in the snow"]]
+
+
+def caption_loss(backbone, bank, examples):
+    batch = backbone.prepare_batch([e.image for e in examples], [e.captions[0] for e in examples])
+    with torch.no_grad(), ConceptInjector(backbone, bank) as injector:
+        with injector.activate([e.concepts for e in examples]):
+            return backbone.sequence_loss(batch).mean().item()
+
+
+def test_training_lowers_caption_loss_and_freezes_backbone(backbone, photos, tmp_path):
+    examples = make_examples(photos, CAPTIONS, name="dog", identifier="sks")
+    weights = {k: v.clone() for k, v in backbone.model.state_dict().items()}
+    bank = ConceptBank(["dog"], backbone.concept_dim)
+    before = caption_loss(backbone, bank, examples)
+    config = TrainConfig(steps=30, checkpoint_every=10, augment=AugmentConfig(enabled=False))
+    result = train_concepts(backbone, bank, examples, config, output_dir=tmp_path, progress=False)
+    after = caption_loss(backbone, bank, examples)
+    assert after < before - 0.02, (before, after)
+    assert result.steps == 30 and len(result.losses) == 30
+    assert all(torch.equal(weights[k], v) for k, v in backbone.model.state_dict().items())
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
+        "step_000010.safetensors", "step_000020.safetensors", "step_000030.safetensors"]
+
+
+def test_resume_continues_from_checkpoint(backbone, photos, tmp_path):
+    examples = make_examples(photos, CAPTIONS, name="dog", identifier="sks")
+    config = TrainConfig(steps=4, checkpoint_every=2)
+    bank = ConceptBank(["dog"], backbone.concept_dim)
+    train_concepts(backbone, bank, examples, config, output_dir=tmp_path, progress=False)
+    resumed = ConceptBank(["dog"], backbone.concept_dim)
+    result = train_concepts(backbone, resumed, examples, TrainConfig(steps=6), progress=False,
+                            resume_from=tmp_path / "checkpoints" / "step_000004.safetensors")
+    assert result.steps == 6 and len(result.losses) == 2  # only the two missing steps ran
+    cats = make_examples(photos, [["zzk on the sofa"]] * 4, name="cat", identifier="zzk")
+    with pytest.raises(ValueError, match="holds concepts"):
+        train_concepts(backbone, ConceptBank(["cat"], backbone.concept_dim), cats, config, progress=False,
+                       resume_from=tmp_path / "checkpoints" / "step_000004.safetensors")
+
+
+def test_interrupted_training_saves_its_state(backbone, photos, tmp_path, monkeypatch):
+    examples = make_examples(photos, CAPTIONS, name="dog", identifier="sks")
+    calls = {"n": 0}
+    original = backbone.sequence_loss
+
+    def failing(batch):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return original(batch)
+
+    monkeypatch.setattr(backbone, "sequence_loss", failing)
+    with pytest.raises(KeyboardInterrupt):
+        train_concepts(backbone, ConceptBank(["dog"], backbone.concept_dim), examples,
+                       TrainConfig(steps=10, checkpoint_every=0), output_dir=tmp_path, progress=False)
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_000003.safetensors"]
+
+
+def test_two_concepts_train_in_one_batch(backbone, photos):
+    """Each sample carries its own concept: a concept's vector only learns from its own photos."""
+    dog = make_examples(photos[:2], CAPTIONS[:2], name="dog", identifier="sks")
+    cat = make_examples(photos[2:], [["zzk on the sofa"], ["zzk in the snow"]], name="cat", identifier="zzk")
+    bank = ConceptBank(["dog", "cat"], backbone.concept_dim)
+    start = bank.values.detach().clone()
+    train_concepts(backbone, bank, dog + cat, TrainConfig(steps=3), progress=False)
+    assert not torch.equal(bank.values[0], start[0]) and not torch.equal(bank.values[1], start[1])
+    only_dog = ConceptBank(["dog", "cat"], backbone.concept_dim, values=start)
+    train_concepts(backbone, only_dog, dog, TrainConfig(steps=3, weight_decay=0.0), progress=False)
+    assert torch.equal(only_dog.values[1], start[1])  # no photo of "cat": its vector is untouched
+
+
+def test_only_concepts_may_train(backbone):
+    bank = ConceptBank(["dog"], backbone.concept_dim)
+    next(backbone.model.parameters()).requires_grad_(True)
+    with pytest.raises(RuntimeError, match="frozen"):
+        check_only_concepts_train(backbone, bank, torch.optim.AdamW([bank.values]))
+    backbone.freeze()
+    extra = torch.nn.Parameter(torch.zeros(3))
+    with pytest.raises(RuntimeError, match="exactly the concept"):
+        check_only_concepts_train(backbone, bank, torch.optim.AdamW([bank.values, extra]))
+
+
+def test_flan_t5_variant_trains(tiny_blip2_t5_path, photos):
+    from myvlm import load_backbone
+
+    t5 = load_backbone(str(tiny_blip2_t5_path))
+    assert not t5.decoder_only
+    examples = make_examples(photos, CAPTIONS, name="dog", identifier="sks")
+    bank = ConceptBank(["dog"], t5.concept_dim)
+    before = caption_loss(t5, bank, examples)
+    train_concepts(t5, bank, examples, TrainConfig(steps=20, augment=AugmentConfig(enabled=False)), progress=False)
+    assert caption_loss(t5, bank, examples) < before
+    assert all(isinstance(t, str) for t in t5.generate(photos[:2], max_new_tokens=5))
