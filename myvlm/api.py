@@ -43,7 +43,8 @@ def _load_sources(images: Union[ImageLike, Sequence[ImageLike]], what: str) -> t
     images = list(images)
     if not images:
         raise ImageError(f"no {what} were given")
-    sources = [str(s) if not isinstance(s, Image.Image) else f"{what} #{i}" for i, s in enumerate(images)]
+    label = what.rstrip("s")
+    sources = [str(s) if not isinstance(s, Image.Image) else f"{label} #{i}" for i, s in enumerate(images)]
     return [load_image(s) for s in images], sources
 
 

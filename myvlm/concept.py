@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Union
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from myvlm.heads import ConceptHead, load_head
@@ -167,14 +168,18 @@ def load_concept(folder: Union[str, Path], **head_runtime: Any) -> Concept:
         meta = json.loads(config_path.read_text())
     except json.JSONDecodeError as error:
         raise ConceptError(f"{config_path} is not valid JSON ({error})") from error
-    if meta.get("format") != FORMAT:
-        raise ConceptError(f"{config_path} is not a myvlm concept (format {meta.get('format')!r})")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise ConceptError(f"{config_path} is not a myvlm concept (format {found!r})")
+    missing = [key for key in ("name", "identifier", "kind", "dim", "backbone") if key not in meta]
+    if missing:
+        raise ConceptError(f"{config_path} lacks {missing}; the folder is damaged, retrain or restore it")
     if meta.get("format_version", 0) > FORMAT_VERSION:
         raise ConceptError(f"{folder} was written by a newer myvlm ({meta.get('myvlm_version')}); upgrade myvlm")
     try:
         embedding = load_file(folder / EMBEDDING_FILE)["embedding"]
         head_tensors = load_file(folder / HEAD_FILE) if (folder / HEAD_FILE).is_file() else {}
-    except (OSError, KeyError, RuntimeError) as error:
+    except (OSError, KeyError, RuntimeError, SafetensorError) as error:
         raise ConceptError(f"cannot read the tensors of {folder}: {error}") from error
     if embedding.shape != (meta["dim"],):
         raise ConceptError(f"{folder}: embedding has shape {tuple(embedding.shape)} but concept.json says {meta['dim']}")

@@ -78,7 +78,8 @@ def pretrained_call(loader: Callable[..., Any], config: BackboneConfig, what: st
     """Call ``loader.from_pretrained`` and turn "not found" into one clear, actionable error."""
     local_only = config.local_files_only if config.local_files_only is not None else _offline()
     source = config.name_or_path
-    if os.path.sep in source and not os.path.isdir(source):
+    looks_local = source.startswith(("/", ".", "~")) or source.count("/") > 1  # hub ids are "org/name"
+    if looks_local and not os.path.isdir(os.path.expanduser(source)):
         raise BackboneNotFoundError(f"backbone folder {source!r} does not exist")
     try:
         return loader.from_pretrained(source, revision=config.revision, local_files_only=local_only, **kwargs)
