@@ -42,9 +42,11 @@ def load_image(source: ImageLike) -> Image.Image:
                     "refused, downscale it first"
                 )
             image.load()
-            return _to_rgb(ImageOps.exif_transpose(image))
+            upright = _to_rgb(ImageOps.exif_transpose(image))
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as error:
         raise ImageError(f"{path} is not a readable image ({error}); remove it or replace it") from error
+    upright.info["source"] = str(path)  # lets later errors name the file
+    return upright
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
