@@ -42,6 +42,8 @@ class TrainConfig:
     weight_decay: float = 1e-4  # AdamW weight decay
     grad_clip: float = 0.05  # max grad norm, per concept vector
     reg_lambda: float = 0.04  # weight of the attention regularizer lambda * mean(p^2)
+    reg_form: Optional[str] = None  # attention it penalises: None = backbone default; "to_concept" (paper),
+    # "from_concept" (the concept token's own attention row: LLaVA's default, as the reference code)
     checkpoint_every: int = 25  # save the concept vector every N steps (0 = never); needs an output folder
     seed: int = 0  # seeds caption sampling, augmentation and the initial vector
     init_std: float = 1.0  # std of the random initial concept vector (it is norm-matched anyway)

@@ -36,6 +36,8 @@ class TrainingExample:
     captions: list[str]  # target captions; each one names the identifier
     source: str  # where the photo came from (file name), for messages
     concepts: list[str] = field(default_factory=list)  # concepts active on this photo (their bank names)
+    prompt: Optional[str] = None  # prompt the captions answer (None = the backbone's plain captioning)
+    questions: list[tuple[str, str]] = field(default_factory=list)  # (prompt, answer) pairs mixed with captions
 
 
 def identifier_pattern(identifier: str) -> re.Pattern[str]:
@@ -177,3 +179,24 @@ def load_concept_folder(folder: Union[str, Path]) -> tuple[list[Image.Image], Op
 def sample_targets(examples: Sequence[TrainingExample], indices: Sequence[int], rng: random.Random) -> list[str]:
     """One caption per chosen image, sampled from its list (caption augmentation)."""
     return [rng.choice(examples[i].captions) for i in indices]
+
+
+def sample_tasks(
+    examples: Sequence[TrainingExample], indices: Sequence[int], rng: random.Random
+) -> tuple[Optional[list[str]], list[str]]:
+    """One (prompt, target) per chosen image: its captioning task or one of its question-answer pairs,
+    uniformly (the reference code's VQA mixing); captions are sampled as in ``sample_targets``.
+    Prompts are None when no chosen image has any (plain captioning, e.g. BLIP-2)."""
+    prompts, targets = [], []
+    for i in indices:
+        example = examples[i]
+        pick = rng.randrange(len(example.questions) + 1) if example.questions else len(example.questions)
+        if pick < len(example.questions):
+            prompt, target = example.questions[pick]
+        else:
+            prompt, target = example.prompt, rng.choice(example.captions)
+        prompts.append(prompt)
+        targets.append(target)
+    if all(p is None for p in prompts):
+        return None, targets
+    return [p or "" for p in prompts], targets

@@ -122,6 +122,11 @@ class ConceptInjector:
         return None if self._ids is None else self._ids.shape[0]
 
     @property
+    def active_mask(self) -> Optional[torch.Tensor]:
+        """(B, K) True where sample b has a k-th active concept; None when no concept is active."""
+        return self._mask
+
+    @property
     def concept_tokens_count(self) -> int:
         """K: the number of concept slots appended to every sample of the current batch."""
         return 0 if self._ids is None else self._ids.shape[1]
@@ -142,13 +147,19 @@ class ConceptInjector:
         return tokens.to(image_tokens.dtype), mask
 
     # ---- attention regularizer ---------------------------------------------------------------
-    def record_attention(self, concept_probs: torch.Tensor) -> None:
-        """Take one layer's attention probabilities onto the concept slots, (B, H, Q, K)."""
+    def record_attention(self, concept_probs: torch.Tensor, query_mask: Optional[torch.Tensor] = None) -> None:
+        """Take one layer's attention probabilities onto the concept slots, (B, H, Q, K).
+
+        ``query_mask`` (B, Q) limits the mean to some queries per sample (None = all Q).
+        """
         if self._mask is None:
             return
         mask = self._mask.to(concept_probs.device)
         squared = concept_probs.float().pow(2) * mask[:, None, None, :]
         heads, queries = concept_probs.shape[1], concept_probs.shape[2]
+        if query_mask is not None:
+            squared = squared * query_mask.to(squared.device, squared.dtype)[:, None, :, None]
+            queries = query_mask.sum(dim=1).clamp(min=1).to(squared.dtype)  # (B,)
         per_sample = squared.sum(dim=(1, 2, 3)) / (heads * queries * mask.sum(dim=1).clamp(min=1))
         self._attention.append(per_sample)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from PIL import Image
@@ -22,7 +22,8 @@ from tqdm.auto import tqdm
 
 from myvlm.backbones.base import Backbone
 from myvlm.concept import Concept, ConceptError
-from myvlm.heads import Detection
+from myvlm.data import display_identifier
+from myvlm.heads import Detection, detect_concepts
 from myvlm.images import ImageLike, load_image
 from myvlm.injection import ConceptBank, ConceptInjector
 
@@ -78,18 +79,14 @@ class MyVLM:
     def detect(self, images: Sequence[Any], only: Optional[Sequence[str]] = None) -> list[dict[str, Detection]]:
         """Every head's decision for every image (concepts without a head are never detected)."""
         names = [n for n in (only if only is not None else self.concepts) if self.concepts[n].head is not None]
-        per_image: list[dict[str, Detection]] = [{} for _ in images]
-        for name in names:
-            for row, detection in zip(per_image, self.concepts[name].head.detect(images)):
-                row[name] = detection
-        for i, row in enumerate(per_image):
-            logger.debug("image %d: %s", i, {n: (round(d.score, 4), d.threshold, d.fired) for n, d in row.items()})
-        return per_image
+        return detect_concepts(images, {name: self.concepts[name].head for name in names})
 
     def _run(
-        self, images: Sequence[ImageLike], prompts: Optional[Sequence[str]], concepts: Optional[Sequence[str]],
-        force: Optional[Sequence[str]], batch_size: int, progress: bool, **generate_kwargs: Any,
+        self, images: Sequence[ImageLike], prompt_for: Callable[[list[str]], Optional[str]],
+        concepts: Optional[Sequence[str]], force: Optional[Sequence[str]], batch_size: int, progress: bool,
+        **generate_kwargs: Any,
     ) -> list[CaptionResult]:
+        """``prompt_for(active concept names)`` gives each image's prompt (None = the backbone's plain one)."""
         unknown = set(concepts or ()) | set(force or ())
         unknown -= set(self.concepts)
         if unknown:
@@ -102,7 +99,8 @@ class MyVLM:
                 loaded = [load_image(s) for s in sources]
                 detections = self.detect(loaded, only=concepts)
                 active = [sorted({n for n, d in row.items() if d.fired} | set(force or ())) for row in detections]
-                batch_prompts = prompts[start : start + batch_size] if prompts is not None else None
+                batch_prompts = [prompt_for(names) for names in active]
+                batch_prompts = None if all(p is None for p in batch_prompts) else [p or "" for p in batch_prompts]
                 with injector.activate(active):
                     texts = self.backbone.generate(loaded, batch_prompts, **generate_kwargs)
                 for text, names, row, src in zip(texts, active, detections, sources):
@@ -116,9 +114,12 @@ class MyVLM:
     ) -> list[CaptionResult]:
         """Caption images; ``concepts`` limits which heads run, ``force`` activates concepts without heads."""
         images = list(images)
-        prompt = prompt if prompt is not None else self.backbone.default_prompt
-        prompts = [prompt] * len(images) if prompt else None
-        return self._run(images, prompts, concepts, force, batch_size, progress, **generate_kwargs)
+        if prompt is not None:
+            prompt_for = lambda names: prompt or None  # noqa: E731
+        else:  # the backbone's captioning prompt, naming the image's active concepts where it takes them
+            prompt_for = lambda names: self.backbone.caption_prompt(  # noqa: E731
+                [display_identifier(self.concepts[n].identifier, self.concepts[n].kind) for n in names])
+        return self._run(images, prompt_for, concepts, force, batch_size, progress, **generate_kwargs)
 
     def ask(
         self, images: Sequence[ImageLike], question: str, concepts: Optional[Sequence[str]] = None,
@@ -126,5 +127,5 @@ class MyVLM:
     ) -> list[CaptionResult]:
         """Answer ``question`` about each image, with the concepts its heads recognise."""
         images = list(images)
-        prompts = [self.backbone.question_prompt(question)] * len(images)
-        return self._run(images, prompts, concepts, force, batch_size, progress, **generate_kwargs)
+        prompt = self.backbone.question_prompt(question)
+        return self._run(images, lambda names: prompt, concepts, force, batch_size, progress, **generate_kwargs)

@@ -123,3 +123,82 @@ def build_tiny_blip2(
     processor.save_pretrained(folder)
     logger.info("wrote a tiny random BLIP-2 (%s) to %s", language_model, folder)
     return folder
+
+
+# LLaVA-1.5's chat format ("USER: <image>\n{text} ASSISTANT:"), the template llava-hf ships.
+LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': ' }}{% endif %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' ' }}"
+    "{% endfor %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+
+def tiny_llava_config(
+    variant: str = "llava", tokenizer=None, image_size: int = 32, patch_size: int = 8, vision_hidden: int = 24,
+    hidden: int = 32, layers: int = 2, initializer_range: float = 0.2, vocab_size=None,
+):
+    """A LlavaConfig / LlavaNextConfig of toy size (vision and text widths differ so mix-ups fail loudly)."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaNextConfig
+
+    tokenizer = tokenizer or build_tiny_tokenizer()
+    vision = CLIPVisionConfig(
+        hidden_size=vision_hidden, intermediate_size=2 * vision_hidden, num_hidden_layers=layers, num_attention_heads=4,
+        image_size=image_size, patch_size=patch_size, projection_dim=vision_hidden, initializer_range=initializer_range,
+    )
+    text = LlamaConfig(
+        vocab_size=vocab_size or len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024,
+        initializer_range=initializer_range, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    common = dict(vision_config=vision.to_dict(), text_config=text.to_dict(),
+                  image_token_index=tokenizer.convert_tokens_to_ids("<image>"))
+    if variant == "llava":
+        return LlavaConfig(image_seq_length=(image_size // patch_size) ** 2, **common)
+    if variant == "llava_next":
+        pinpoints = [[image_size, 2 * image_size], [2 * image_size, image_size], [2 * image_size, 2 * image_size]]
+        return LlavaNextConfig(image_grid_pinpoints=pinpoints, **common)
+    raise ValueError(f"variant must be 'llava' or 'llava_next', got {variant!r}")
+
+
+def tiny_llava_processor(variant: str, tokenizer, image_size: int = 32, patch_size: int = 8):
+    """A tiny LLaVA's processor: CLIP-style image processing, the tiny tokenizer with ``<image>``, a chat template."""
+    from transformers import CLIPImageProcessor, LlavaNextImageProcessor, LlavaNextProcessor, LlavaProcessor
+
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    common = dict(tokenizer=tokenizer, patch_size=patch_size, vision_feature_select_strategy="default",
+                  chat_template=LLAVA_CHAT_TEMPLATE, num_additional_image_tokens=1)
+    crop = {"height": image_size, "width": image_size}
+    if variant == "llava":
+        images = CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size=crop)
+        return LlavaProcessor(image_processor=images, **common)
+    pinpoints = [[image_size, 2 * image_size], [2 * image_size, image_size], [2 * image_size, 2 * image_size]]
+    images = LlavaNextImageProcessor(size={"shortest_edge": image_size}, crop_size=crop, image_grid_pinpoints=pinpoints)
+    return LlavaNextProcessor(image_processor=images, **common)
+
+
+def build_tiny_llava(
+    folder: Union[str, Path], variant: str = "llava", seed: int = 1, initializer_range: float = 0.2, **sizes
+) -> Path:
+    """Write a random tiny LLaVA-1.5 (``variant="llava"``) or LLaVA-NeXT (``"llava_next"``) + processor to ``folder``.
+
+    It loads through ``from_pretrained`` exactly like ``llava-hf/llava-1.5-7b-hf``. ``sizes`` go to
+    ``tiny_llava_config`` (image_size, patch_size, vision_hidden, hidden, layers, vocab_size).
+    """
+    from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
+
+    folder = Path(folder)
+    tokenizer = build_tiny_tokenizer()
+    processor = tiny_llava_processor(variant, tokenizer, sizes.get("image_size", 32), sizes.get("patch_size", 8))
+    config = tiny_llava_config(variant, tokenizer, initializer_range=initializer_range, **sizes)
+    torch.manual_seed(seed)
+    model_class = LlavaForConditionalGeneration if variant == "llava" else LlavaNextForConditionalGeneration
+    model = model_class(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    logger.info("wrote a tiny random %s to %s", variant, folder)
+    return folder

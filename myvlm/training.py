@@ -3,16 +3,18 @@
     bank = ConceptBank(["my_dog"], dim=backbone.concept_dim)
     result = train_concepts(backbone, bank, examples, TrainConfig(), output_dir="runs/my_dog")
 
-Each step samples a batch of photos, augments them, samples one target caption per photo,
-activates each photo's own concepts, and minimises the per-sample language-model loss plus
-lambda * the attention penalty (mean squared attention onto the concept tokens, summed over
-the cross-attention layers). Gradients are clipped per concept vector. Every
+Each step samples a batch of photos, augments them, samples one target per photo (a caption, or
+one of its question-answer pairs when it has some), activates each photo's own concepts, and
+minimises the per-sample language-model loss plus lambda * the attention penalty (mean squared
+concept attention summed over the attention layers, recorded inside
+``backbone.penalize_attention``). Gradients are clipped per concept vector. Every
 ``checkpoint_every`` steps the vectors and optimizer moments are saved, and a run that
 fails or is interrupted saves its last state before re-raising.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import time
@@ -26,7 +28,7 @@ from tqdm.auto import tqdm
 
 from myvlm.backbones.base import Backbone
 from myvlm.config import TrainConfig
-from myvlm.data import Augmenter, TrainingExample, sample_targets
+from myvlm.data import Augmenter, TrainingExample, sample_tasks
 from myvlm.injection import ConceptBank, ConceptInjector
 
 logger = logging.getLogger(__name__)
@@ -144,14 +146,16 @@ def train_concepts(
     augment = Augmenter(config.augment)
     checkpoints = Path(output_dir) / "checkpoints" if output_dir else None
     result, started, step = TrainResult(steps=start), time.perf_counter(), start
+    penalized = backbone.penalize_attention(config.reg_form) if config.reg_lambda > 0 else contextlib.nullcontext()
 
     try:
-        with ConceptInjector(backbone, bank) as injector:
+        with ConceptInjector(backbone, bank) as injector, penalized:
             bar = tqdm(range(start, config.steps), desc=f"training {','.join(bank.names)}", disable=not progress)
             for step in bar:
                 indices = sampler.next()
                 images = [augment(examples[i].image) for i in indices]
-                batch = backbone.prepare_batch(images, sample_targets(examples, indices, rng))
+                prompts, targets = sample_tasks(examples, indices, rng)
+                batch = backbone.prepare_batch(images, targets, prompts)
                 with injector.activate([examples[i].concepts for i in indices]):
                     lm_loss = backbone.sequence_loss(batch)  # (B,)
                     reg_loss = injector.attention_penalty()  # (B,)

@@ -17,7 +17,8 @@ from __future__ import annotations
 import logging
 import os
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Optional, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Optional, Sequence
 
 import torch
 from PIL import Image
@@ -101,6 +102,7 @@ class Backbone(ABC):
     backbone_type: ClassVar[str]
     injection_points: ClassVar[tuple[str, ...]]  # first one is the default
     default_prompt: ClassVar[Optional[str]] = None  # captioning prompt, for backbones that take one
+    attention_forms: ClassVar[tuple[str, ...]] = ("to_concept",)  # regularizer forms it records; first = default
 
     def __init__(self, model: nn.Module, processor: Any, config: BackboneConfig):
         self.model = model
@@ -156,10 +158,38 @@ class Backbone(ABC):
     def install_hooks(self, injector: "ConceptInjector") -> list[torch.utils.hooks.RemovableHandle]:
         """Register the hooks that append concept tokens and record concept attention."""
 
+    def resolve_attention_form(self, form: Optional[str]) -> str:
+        """The regularizer form to use: ``form`` if this backbone records it, its default for None."""
+        if form is None:
+            return self.attention_forms[0]
+        if form not in self.attention_forms:
+            raise ValueError(
+                f"{self.backbone_type} cannot penalise attention of form {form!r}; choose one of {self.attention_forms}"
+            )
+        return form
+
+    @contextmanager
+    def penalize_attention(self, form: Optional[str] = None) -> Iterator[None]:
+        """Inside the block the hooks record the attention that ``injector.attention_penalty`` sums.
+
+        Backbones whose hooks always record (BLIP-2) only check ``form``; others switch on what
+        recording needs (LLaVA: eager attention in the language model) for the block only.
+        """
+        self.resolve_attention_form(form)
+        yield
+
+    def training_defaults(self, task: str = "caption") -> dict[str, Any]:
+        """TrainConfig values this backbone trains with by default for ``task`` ("caption" or "vqa")."""
+        return {}
+
     # ---- data ------------------------------------------------------------------------------
     def question_prompt(self, question: str) -> str:
         """How a question is put to this model (BLIP-2's "Question: ... Answer:" format by default)."""
         return f"Question: {question.strip()} Answer:"
+
+    def caption_prompt(self, identifiers: Sequence[str] = ()) -> Optional[str]:
+        """The captioning prompt for an image whose active concepts are called ``identifiers``."""
+        return self.default_prompt
 
     @abstractmethod
     def prepare_batch(
