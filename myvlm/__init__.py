@@ -4,17 +4,44 @@
     concept = myvlm.personalize("photos/my_dog", name="my_dog", class_word="dog")
     vlm = myvlm.MyVLM(myvlm.load_backbone("Salesforce/blip2-opt-2.7b"), [concept])
     print(vlm.caption(["beach.jpg"])[0].text)
+
+The public names are imported on first use, so ``myvlm --help`` and ``myvlm concepts list``
+do not pay for importing torch and transformers.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-from myvlm.api import personalize
-from myvlm.backbones import Backbone, BackboneNotFoundError, load_backbone
-from myvlm.concept import Concept, ConceptError, load_concept, load_library
-from myvlm.config import AugmentConfig, BackboneConfig, TrainConfig
-from myvlm.model import CaptionResult, MyVLM
+_EXPORTS = {
+    "personalize": "myvlm.api",
+    "Backbone": "myvlm.backbones",
+    "BackboneNotFoundError": "myvlm.backbones",
+    "load_backbone": "myvlm.backbones",
+    "Concept": "myvlm.concept",
+    "ConceptError": "myvlm.concept",
+    "load_concept": "myvlm.concept",
+    "load_library": "myvlm.concept",
+    "AugmentConfig": "myvlm.config",
+    "BackboneConfig": "myvlm.config",
+    "TrainConfig": "myvlm.config",
+    "CaptionResult": "myvlm.model",
+    "MyVLM": "myvlm.model",
+}
 
-__all__ = [
-    "AugmentConfig", "Backbone", "BackboneConfig", "BackboneNotFoundError", "CaptionResult", "Concept",
-    "ConceptError", "MyVLM", "TrainConfig", "load_backbone", "load_concept", "load_library", "personalize",
-]
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'myvlm' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

@@ -90,8 +90,9 @@ def pretrained_call(loader: Callable[..., Any], config: BackboneConfig, what: st
             + (" (offline: HF_HUB_OFFLINE=1 or local_files_only)" if local_only else "")
             + f": {str(error).splitlines()[0] if str(error) else type(error).__name__}.\n"
             f"Download it where the internet is reachable (`hf download {source}`) and copy the Hugging Face "
-            f"cache here, or point myvlm at a local folder holding the checkpoint "
-            f"(`backbone=/path/to/{source.split('/')[-1]}`, i.e. model.save_pretrained + processor.save_pretrained)."
+            f"cache here, or point myvlm at a local folder holding the checkpoint (model.save_pretrained + "
+            f"processor.save_pretrained): `--backbone /path/to/{source.split('/')[-1]}` in the shell, "
+            f"`backbone=\"/path/to/{source.split('/')[-1]}\"` in Python."
         )
         raise BackboneNotFoundError(hint) from error
 

@@ -8,29 +8,47 @@
 
 Records (``records.jsonl``, one line per image and method) are the source of truth; tables
 (``summary.json``) and the report are computed from them, and an interrupted run resumes.
+
+The names below are imported on first use, so building the CLI parser stays fast.
 """
 
-from myvlm.eval.baselines import LoraBaseline, ReplaceBaseline
-from myvlm.eval.dataset import EvalDataset, load_eval_data
-from myvlm.eval.methods import HeadSpec, Method, MyVLMMethod
-from myvlm.eval.metrics import (
-    Rate,
-    context_correct,
-    false_positive_rate,
-    head_rate,
-    load_sentence_embedder,
-    recall,
-    text_similarity,
-    vqa_correct,
-)
-from myvlm.eval.protocol import ProtocolConfig, Scorers, ablation_methods, evaluate
-from myvlm.eval.records import read_records
-from myvlm.eval.report import write_report
-from myvlm.eval.summary import format_tables, summarize
+from __future__ import annotations
 
-__all__ = [
-    "EvalDataset", "HeadSpec", "LoraBaseline", "Method", "MyVLMMethod", "ProtocolConfig", "Rate", "ReplaceBaseline",
-    "Scorers", "ablation_methods", "context_correct", "evaluate", "false_positive_rate", "format_tables",
-    "head_rate", "load_eval_data", "load_sentence_embedder", "read_records", "recall", "summarize",
-    "text_similarity", "vqa_correct", "write_report",
-]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "LoraBaseline": "myvlm.eval.baselines",
+    "ReplaceBaseline": "myvlm.eval.baselines",
+    "EvalDataset": "myvlm.eval.dataset",
+    "load_eval_data": "myvlm.eval.dataset",
+    "HeadSpec": "myvlm.eval.methods",
+    "Method": "myvlm.eval.methods",
+    "MyVLMMethod": "myvlm.eval.methods",
+    "Rate": "myvlm.eval.metrics",
+    "context_correct": "myvlm.eval.metrics",
+    "false_positive_rate": "myvlm.eval.metrics",
+    "head_rate": "myvlm.eval.metrics",
+    "load_sentence_embedder": "myvlm.eval.metrics",
+    "recall": "myvlm.eval.metrics",
+    "text_similarity": "myvlm.eval.metrics",
+    "vqa_correct": "myvlm.eval.metrics",
+    "ProtocolConfig": "myvlm.eval.protocol",
+    "Scorers": "myvlm.eval.protocol",
+    "ablation_methods": "myvlm.eval.protocol",
+    "evaluate": "myvlm.eval.protocol",
+    "read_records": "myvlm.eval.records",
+    "write_report": "myvlm.eval.report",
+    "format_tables": "myvlm.eval.summary",
+    "summarize": "myvlm.eval.summary",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'myvlm.eval' has no attribute {name!r}")
