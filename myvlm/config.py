@@ -47,6 +47,7 @@ class TrainConfig:
     checkpoint_every: int = 25  # save the concept vector every N steps (0 = never); needs an output folder
     seed: int = 0  # seeds caption sampling, augmentation and the initial vector
     init_std: float = 1.0  # std of the random initial concept vector (it is norm-matched anyway)
+    prefetch: bool = True  # prepare the next batch on a background thread while the current step runs
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def to_dict(self) -> dict[str, Any]:

@@ -18,9 +18,10 @@ import contextlib
 import logging
 import random
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, TypeVar, Union
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -32,6 +33,8 @@ from myvlm.data import Augmenter, TrainingExample, sample_tasks
 from myvlm.injection import ConceptBank, ConceptInjector
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -83,6 +86,40 @@ class BatchSampler:
                 continue
             batch.append(candidate)
         return batch
+
+
+class Prefetcher:
+    """Runs ``produce`` ``count`` times, one call ahead, on a background thread.
+
+    The next batch (augmentation, processor, host-to-device copy) is prepared while the current
+    step runs on the accelerator. Only the producer thread draws random numbers, in order, so the
+    batches are the same with and without prefetching.
+    """
+
+    def __init__(self, produce: Callable[[], T], count: int, enabled: bool = True):
+        self.produce, self.remaining = produce, count
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="myvlm-prefetch") if enabled else None
+        self.pending: Optional[Future[T]] = None
+
+    def _submit(self) -> None:
+        if self.pool is not None and self.remaining > 0:
+            self.pending, self.remaining = self.pool.submit(self.produce), self.remaining - 1
+
+    def next(self) -> T:
+        if self.pool is None:
+            return self.produce()
+        if self.pending is None:
+            self._submit()
+        item, self.pending = self.pending.result(), None
+        self._submit()
+        return item
+
+    def __enter__(self) -> "Prefetcher":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def save_checkpoint(folder: Path, step: int, bank: ConceptBank, optimizer: torch.optim.Optimizer) -> Path:
@@ -148,14 +185,18 @@ def train_concepts(
     result, started, step = TrainResult(steps=start), time.perf_counter(), start
     penalized = backbone.penalize_attention(config.reg_form) if config.reg_lambda > 0 else contextlib.nullcontext()
 
+    def next_batch() -> tuple[list[int], dict[str, torch.Tensor]]:  # the only consumer of rng and augmentation
+        indices = sampler.next()
+        images = [augment(examples[i].image) for i in indices]
+        prompts, targets = sample_tasks(examples, indices, rng)
+        return indices, backbone.prepare_batch(images, targets, prompts)
+
+    batches = Prefetcher(next_batch, count=config.steps - start, enabled=config.prefetch)
     try:
-        with ConceptInjector(backbone, bank) as injector, penalized:
+        with ConceptInjector(backbone, bank) as injector, penalized, batches:
             bar = tqdm(range(start, config.steps), desc=f"training {','.join(bank.names)}", disable=not progress)
             for step in bar:
-                indices = sampler.next()
-                images = [augment(examples[i].image) for i in indices]
-                prompts, targets = sample_tasks(examples, indices, rng)
-                batch = backbone.prepare_batch(images, targets, prompts)
+                indices, batch = batches.next()
                 with injector.activate([examples[i].concepts for i in indices]):
                     lm_loss = backbone.sequence_loss(batch)  # (B,)
                     reg_loss = injector.attention_penalty()  # (B,)

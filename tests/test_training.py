@@ -103,3 +103,16 @@ def test_flan_t5_variant_trains(tiny_blip2_t5_path, photos):
     train_concepts(t5, bank, examples, TrainConfig(steps=20, augment=AugmentConfig(enabled=False)), progress=False)
     assert caption_loss(t5, bank, examples) < before
     assert all(isinstance(t, str) for t in t5.generate(photos[:2], max_new_tokens=5))
+
+
+def test_prefetching_changes_nothing_but_timing(backbone, photos):
+    """The background producer draws the same random numbers in the same order as the inline path."""
+    examples = make_examples(photos, CAPTIONS, name="dog", identifier="sks")
+    runs = []
+    for prefetch in (False, True):
+        torch.manual_seed(0)
+        bank = ConceptBank(["dog"], backbone.concept_dim)
+        result = train_concepts(backbone, bank, examples, TrainConfig(steps=6, prefetch=prefetch), progress=False)
+        runs.append((result.losses, bank.values.detach().clone()))
+    assert runs[0][0] == runs[1][0]
+    assert torch.equal(runs[0][1], runs[1][1])
