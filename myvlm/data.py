@@ -146,16 +146,23 @@ class Augmenter:
         return self.transform(image) if self.config.enabled else image
 
 
+def read_json_mapping(path: Union[str, Path], expected: str) -> dict[str, Any]:
+    """A JSON object from ``path``; ``expected`` says what it should map (for the error messages)."""
+    path = Path(path)
+    try:
+        table = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); it must map {expected}") from error
+    if not isinstance(table, Mapping):
+        raise ValueError(f"{path} must map {expected}, got a {type(table).__name__}")
+    return dict(table)
+
+
 def read_captions_json(folder: Union[str, Path]) -> tuple[list[Path], list[list[str]]]:
     """Reference-code layout: ``folder/captions.json`` maps image file -> caption(s)."""
     folder = Path(folder)
     path = folder / "captions.json"
-    try:
-        table = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not valid JSON ({error}); it must map image file names to caption lists") from error
-    if not isinstance(table, Mapping):
-        raise ValueError(f"{path} must map image file names to caption lists, got a {type(table).__name__}")
+    table = read_json_mapping(path, "image file names to caption lists")
     paths, captions = [], []
     for file_name, texts in table.items():
         image_path = folder / file_name

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Mapping, Optional, Sequence, Union
 
 from PIL import Image
 
-from myvlm.data import TrainingExample, display_identifier
+from myvlm.data import TrainingExample, display_identifier, read_json_mapping
 from myvlm.images import list_images, load_image
 
 if TYPE_CHECKING:
@@ -129,12 +129,8 @@ def ask_templates(
 
 
 def _read_table(path: Path) -> dict[str, list[dict[str, str]]]:
-    try:
-        table = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not valid JSON ({error}); fix it or delete it to generate it again") from error
-    if not isinstance(table, Mapping):
-        raise ValueError(f"{path} must map image file names to lists of {{question, answer}}")
+    table = read_json_mapping(path, "image file names to lists of {question, answer} (fix it, or delete it to "
+                                    "generate it again)")
     for name, pairs in table.items():
         if not isinstance(pairs, list) or not all(isinstance(p, Mapping) and {"question", "answer"} <= set(p)
                                                   for p in pairs):

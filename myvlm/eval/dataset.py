@@ -29,7 +29,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 from PIL import Image
 
-from myvlm.data import read_captions_json
+from myvlm.data import read_captions_json, read_json_mapping
 from myvlm.images import IMAGE_SUFFIXES, list_images, load_image
 
 logger = logging.getLogger(__name__)
@@ -115,13 +115,7 @@ class EvalDataset:
 
 
 def _read_mapping(path: Path) -> dict[str, Any]:
-    try:
-        table = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not valid JSON ({error})") from error
-    if not isinstance(table, dict):
-        raise ValueError(f"{path} must be a JSON object, got a {type(table).__name__}")
-    return table
+    return read_json_mapping(path, "names to values (a JSON object)")
 
 
 def _words(value: Any) -> list[str]:
