@@ -50,6 +50,14 @@ def _load_sources(images: Union[ImageLike, Sequence[ImageLike]], what: str) -> t
     return [load_image(s) for s in images], sources
 
 
+def _common_folder(images: Any, sources: Sequence[str]) -> Optional[Path]:
+    """The folder the photos came from (where vqa.json lives), or None for in-memory or scattered photos."""
+    if isinstance(images, (str, Path)) and Path(images).is_dir():
+        return Path(images)
+    parents = {Path(s).parent for s in sources if Path(s).is_file()}
+    return parents.pop() if len(parents) == 1 and all(Path(s).is_file() for s in sources) else None
+
+
 def vlm_targets(
     backbone: Backbone, images: Sequence[Image.Image], sources: Sequence[str], class_word: str, identifier: str
 ) -> list[list[str]]:
@@ -141,7 +149,7 @@ def personalize(
     for example in examples:
         example.prompt = prompt
     if task == "vqa":
-        folder = Path(images) if isinstance(images, (str, Path)) and Path(images).is_dir() else None
+        folder = _common_folder(images, sources)
         pairs = questions if questions is not None else vqa_pairs_for(
             backbone, folder, photos, sources, class_word, identifier, kind)
         add_questions(examples, backbone, pairs)

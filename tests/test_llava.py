@@ -343,3 +343,19 @@ def test_personalize_vqa_writes_pairs_and_uses_llava_defaults(tiny_llava_paths, 
     assert len(json.loads((data / "vqa.json").read_text())["0.png"]) == len(QUESTIONS["object"])
     assert concept.training["config"]["reg_lambda"] == 10.0 and concept.training["task"] == "vqa"
     assert concept.backbone["type"] == "llava" and concept.backbone["injection"] == "projector_input"
+
+
+def test_personalize_vqa_keeps_pairs_next_to_listed_photos(tiny_llava_paths, photos, tmp_path):
+    """Photos given as a list of files from one folder still get their vqa.json saved beside them."""
+    import myvlm
+
+    backbone = load(tiny_llava_paths, "llava")
+    paths = []
+    for i, photo in enumerate(photos):
+        photo.save(tmp_path / f"{i}.png")
+        paths.append(tmp_path / f"{i}.png")
+    myvlm.personalize(paths, name="my_dog", captions=[["sks here"]] * len(paths), class_word="dog",
+                      backbone=backbone, head="always", task="vqa", train={"steps": 1, "checkpoint_every": 0},
+                      progress=False)
+    saved = json.loads((tmp_path / "vqa.json").read_text())
+    assert sorted(saved) == [p.name for p in paths]
