@@ -353,3 +353,30 @@ def test_facenet_without_weights_offline_says_how_to_fix(monkeypatch, tmp_path):
     monkeypatch.setattr(inception_resnet_v1, "download_url_to_file", offline)
     with pytest.raises(RuntimeError, match="dlib"):
         FaceHead("facenet", backend_options={"weights": "vggface2"})
+
+
+def test_heads_built_from_one_spec_share_the_encoder_and_its_cache():
+    """A library of probes on the same extractor loads it once and encodes each image once."""
+    from myvlm.heads import build_head, load_head
+    from myvlm.heads.features import CallableFeatures, register_extractor
+
+    encoded = []
+
+    def mean_colour(image):
+        encoded.append(image.size)
+        return np.asarray(image.resize((4, 4)), dtype=np.float32).reshape(-1, 3).mean(0)
+
+    @register_extractor("test_mean_colour_shared")
+    def build(**_):
+        return CallableFeatures(mean_colour, name="mean_colour")
+
+    spec = {"type": "test_mean_colour_shared"}
+    red = [Image.new("RGB", (20, 20), (200 + i, 10, 10)) for i in range(3)]
+    blue = [Image.new("RGB", (20, 20), (10, 10, 200 + i)) for i in range(6)]
+    first = build_head("clip_probe", feature_extractor=spec, training={"steps": 20})
+    first.fit(red, blue)
+    second = load_head(first.config(), first.state_dict())
+    assert second.feature_extractor is first.feature_extractor
+    before = len(encoded)
+    assert second.detect(red[:1])[0].score == first.detect(red[:1])[0].score
+    assert len(encoded) == before  # the fitted photo was already encoded: no encoder call at all

@@ -27,8 +27,8 @@ from myvlm.heads.features import (
     DEFAULT_CLIP_MODEL,
     DEFAULT_CLIP_PRETRAINED,
     CachedFeatures,
-    build_feature_extractor,
     ensure_rgb,
+    shared_features,
 )
 from myvlm.heads.negatives import MIN_REAL_NEGATIVES, count_real, generic_negatives
 
@@ -107,9 +107,8 @@ class ClipProbeHead(ConceptHead):
 
     @property
     def feature_extractor(self) -> CachedFeatures:
-        if self._extractor is None:
-            logger.info("building feature extractor %s", self._spec)
-            self._extractor = CachedFeatures(build_feature_extractor(self._spec, **self._runtime))
+        if self._extractor is None:  # shared with every head built from the same spec
+            self._extractor = shared_features(self._spec, **self._runtime)
         return self._extractor
 
     @feature_extractor.setter

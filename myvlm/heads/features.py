@@ -13,6 +13,7 @@ Heavy dependencies (open_clip, ai_edge_litert) are imported only when an extract
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 from collections import OrderedDict
@@ -300,6 +301,22 @@ class CachedFeatures:
         while len(self._cache) > self.max_items:
             self._cache.popitem(last=False)
         return out
+
+
+_SHARED: dict[str, CachedFeatures] = {}
+
+
+def shared_features(spec: dict[str, Any], **runtime: Any) -> CachedFeatures:
+    """The process-wide ``CachedFeatures`` for ``spec`` (+ ``runtime``), built on first use.
+
+    Heads rebuilt from the same spec share one encoder and one feature cache: a library of 20
+    DFN5B probes loads the model once and encodes each image once, not 20 times.
+    """
+    key = json.dumps({"spec": spec, "runtime": runtime}, sort_keys=True, default=str)
+    if key not in _SHARED:
+        logger.info("building feature extractor %s", spec)
+        _SHARED[key] = CachedFeatures(build_feature_extractor(spec, **runtime))
+    return _SHARED[key]
 
 
 def ensure_rgb(images: Sequence[Image.Image]) -> list[Image.Image]:
