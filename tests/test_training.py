@@ -116,3 +116,19 @@ def test_prefetching_changes_nothing_but_timing(backbone, photos):
         runs.append((result.losses, bank.values.detach().clone()))
     assert runs[0][0] == runs[1][0]
     assert torch.equal(runs[0][1], runs[1][1])
+
+
+def test_bfloat16_backbone_trains_with_its_fp32_qformer(tiny_blip2_path, photos):
+    """Loaded in bf16, transformers keeps the Q-Former in fp32: injection and training must cope."""
+    from myvlm import BackboneConfig, load_backbone
+
+    bf16 = load_backbone(BackboneConfig(str(tiny_blip2_path), dtype="bfloat16"))
+    assert bf16.pixel_dtype == torch.bfloat16
+    examples = make_examples(photos, CAPTIONS, name="dog", identifier="sks")
+    bank = ConceptBank(["dog"], bf16.concept_dim)
+    start = bank.values.detach().clone()
+    result = train_concepts(bf16, bank, examples, TrainConfig(steps=3), progress=False)
+    assert all(torch.isfinite(torch.tensor(result.losses))) and not torch.equal(bank.values.detach(), start)
+    assert bank.values.dtype == torch.float32  # the concept itself stays fp32
+    with ConceptInjector(bf16, bank) as injector, injector.activate([["dog"]] * 2):
+        assert len(bf16.generate(photos[:2], max_new_tokens=3)) == 2

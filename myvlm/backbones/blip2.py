@@ -57,6 +57,11 @@ class Blip2Backbone(Backbone):
         return self.model.config.vision_config.hidden_size
 
     @property
+    def pixel_dtype(self) -> torch.dtype:
+        """The vision tower's dtype (from_pretrained keeps the Q-Former and the queries in fp32 under bf16)."""
+        return self.model.vision_model.embeddings.patch_embedding.weight.dtype
+
+    @property
     def decoder_only(self) -> bool:
         return bool(self.model.config.use_decoder_only_language_model)
 
@@ -94,7 +99,7 @@ class Blip2Backbone(Backbone):
     def _encode(self, images: Sequence[Image.Image], texts: Sequence[str]) -> dict[str, torch.Tensor]:
         inputs = self.processor(images=list(images), text=list(texts), return_tensors="pt", padding=True)
         inputs = {k: v.to(self.device) for k, v in inputs.items()}
-        inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        inputs["pixel_values"] = inputs["pixel_values"].to(self.pixel_dtype)
         return inputs
 
     def prepare_batch(
