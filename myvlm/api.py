@@ -155,7 +155,7 @@ def personalize(
         add_questions(examples, backbone, pairs)
     fitted = fit_head(head, kind, photos, negatives, head_kwargs, refit=fit_head_on_images)
 
-    bank = ConceptBank([name], backbone.concept_dim, init_std=config.init_std)
+    bank = ConceptBank([name], backbone.concept_dim, init_std=config.init_std, seed=config.seed)
     run_dir = Path(output_dir).with_name(f".{Path(output_dir).name}.run") if output_dir else None
     result = train_concepts(backbone, bank, examples, config, output_dir=run_dir, progress=progress)
     concept = Concept(

@@ -33,13 +33,15 @@ ConceptRef = Union[int, str]
 class ConceptBank(nn.Module):
     """C concept vectors of width D: ``values`` is the only trainable tensor of a personalization."""
 
-    def __init__(self, names: Sequence[str], dim: int, values: Optional[torch.Tensor] = None, init_std: float = 1.0):
+    def __init__(self, names: Sequence[str], dim: int, values: Optional[torch.Tensor] = None, init_std: float = 1.0,
+                 seed: Optional[int] = None):
         super().__init__()
         if len(set(names)) != len(names):
             raise ValueError(f"concept names must be unique, got {list(names)}")
         self.names = list(names)
-        if values is None:
-            values = torch.randn(len(self.names), dim) * init_std
+        if values is None:  # seeded: the same seed gives the same start whatever ran before
+            generator = torch.Generator().manual_seed(seed) if seed is not None else None
+            values = torch.randn(len(self.names), dim, generator=generator) * init_std
         if values.shape != (len(self.names), dim):
             raise ValueError(f"concept values have shape {tuple(values.shape)}, expected ({len(self.names)}, {dim})")
         self.values = nn.Parameter(values.detach().clone().float())  # (C, D), kept in fp32

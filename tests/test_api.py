@@ -143,3 +143,17 @@ def test_offline_hub_id_is_one_clear_error(monkeypatch):
 def test_unknown_forced_concept(backbone):
     with pytest.raises(ConceptError, match="unknown concept"):
         MyVLM(backbone).caption([solid_image((0, 0, 0))], force=["ghost"], progress=False)
+
+
+def test_same_seed_same_concept_whatever_ran_before(backbone, photos):
+    """The initial vector is seeded by TrainConfig.seed, not by the global generator's history."""
+    runs = []
+    for noise in (1, 5):
+        torch.randn(noise * 100)  # other work (e.g. fitting a head) consuming the global generator
+        concept = myvlm.personalize(photos, name="my_dog", captions=CAPTIONS, backbone=backbone,
+                                    head=AlwaysOnHead(), train=QUICK, progress=False)
+        runs.append(concept.embedding)
+    assert torch.equal(runs[0], runs[1])
+    other = myvlm.personalize(photos, name="my_dog", captions=CAPTIONS, backbone=backbone, head=AlwaysOnHead(),
+                              train=TrainConfig(steps=4, checkpoint_every=2, seed=1), progress=False)
+    assert not torch.equal(other.embedding, runs[0])
