@@ -257,7 +257,15 @@ def format_report(report: DemoReport, steps: int) -> str:
 
 def run_demo_command(args: argparse.Namespace) -> int:
     started = time.perf_counter()
-    report = run_demo(Path(args.workdir) if args.workdir else None, args.steps, args.seed, progress=not args.quiet)
+    workdir = Path(args.workdir) if args.workdir else None
+    if getattr(args, "world", "random") == "toy":
+        from myvlm.toyworld.demo import format_toyworld_report, run_toyworld_demo
+
+        report = run_toyworld_demo(workdir, steps=args.steps, seed=args.seed, progress=not args.quiet)
+        print(format_toyworld_report(report))
+        print(f"\ndone in {time.perf_counter() - started:.1f} s")
+        return 0
+    report = run_demo(workdir, args.steps, args.seed, progress=not args.quiet)
     print(format_report(report, args.steps))
     print(f"\ndone in {time.perf_counter() - started:.1f} s")
     return 0

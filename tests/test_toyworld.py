@@ -1,0 +1,145 @@
+"""The toy world: deterministic scenes and captions, personal concepts, the shipped tiny models, MyVLM recall."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from myvlm.toyworld.concepts import (
+    CONCEPTS, concept_photos, hard_negative_photos, target_caption, unrelated_photos,
+)
+from myvlm.toyworld.pretrain import FIELDS, caption_scores, make_data, summarise
+from myvlm.toyworld.scenes import (
+    CATEGORIES, NAME_OF, NAMED, NAMES, caption, parse_caption, render, sample_scene,
+)
+
+
+def test_scenes_are_deterministic_and_captions_parse():
+    first = [sample_scene(np.random.default_rng(5)) for _ in range(2)]
+    again = [sample_scene(np.random.default_rng(5)) for _ in range(2)]
+    assert [caption(s) for s in first] == [caption(s) for s in again]
+    assert np.array_equal(np.asarray(render(first[0])), np.asarray(render(again[0])))
+    rng = np.random.default_rng(0)
+    counts = set()
+    for _ in range(200):
+        scene = sample_scene(rng)
+        text = caption(scene)
+        parsed = parse_caption(text)
+        assert parsed is not None and len(parsed["objects"]) == len(scene.objects), text
+        assert parsed["background"] == scene.background and parsed["relation"] == scene.relation
+        counts.add(len(scene.objects))
+    assert counts == {1, 2, 3}
+
+
+def test_caption_order_follows_the_layout():
+    rng = np.random.default_rng(1)
+    for _ in range(100):
+        scene = sample_scene(rng, n_objects=2)
+        (x0, y0), (x1, y1) = (o.centre for o in scene.objects)
+        assert (y0 < y1) if scene.relation == "above" else (x0 < x1)
+
+
+def test_named_objects_are_distinct_and_one_token_each():
+    from myvlm.toyworld.models import build_tokenizer
+
+    assert len(NAMED) == len(NAMES) and len(NAME_OF) == len(NAMES)
+    tokenizer = build_tokenizer()
+    rng = np.random.default_rng(3)
+    words = {w for _ in range(300) for w in caption(sample_scene(rng)).replace(",", "").split()} | set(NAMES)
+    for word in words:
+        assert len(tokenizer(f" {word}", add_special_tokens=False).input_ids) == 1, word
+
+
+def test_personal_concepts_are_unnamed_and_distinct():
+    assert len(CONCEPTS) >= 10
+    looks = {c.appearance.key() for c in CONCEPTS}
+    assert len(looks) == len(CONCEPTS)
+    for concept in CONCEPTS:
+        assert concept.appearance.detail is not None  # no pretraining object has a detail
+        assert concept.identifier in NAMES and NAMED[concept.identifier].category == concept.class_word
+    assert len({c.identifier for c in CONCEPTS}) == len(CONCEPTS)
+
+
+def test_concept_photos_vary_and_negatives_share_the_class():
+    concept = CONCEPTS[3]
+    photos = concept_photos(concept, "train", 4)
+    again = concept_photos(concept, "train", 4)
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for (a, _), (b, _) in zip(photos, again))
+    assert len({np.asarray(im).tobytes() for im, _ in photos}) == 4
+    for _, scene in photos:
+        assert concept.identifier in target_caption(scene).split()
+        assert sum(o.concept == concept.name for o in scene.objects) == 1
+    test = concept_photos(concept, "test", 4)
+    assert not any(np.array_equal(np.asarray(a), np.asarray(b)) for a, _ in photos for b, _ in test)
+    for _, scene in hard_negative_photos(concept, "test", 10):
+        looks = [o.appearance for o in scene.objects if o.appearance.category == concept.class_word]
+        assert looks and all(a.key() != concept.appearance.key() for a in looks)
+        assert concept.identifier not in caption(scene).split()
+    for _, scene in unrelated_photos(concept, "test", 10):
+        assert concept.identifier not in caption(scene).split()
+
+
+def test_caption_scores_per_attribute():
+    truth = "a small red circle above zib on a striped background"
+    perfect = summarise([caption_scores(truth, truth)])
+    assert all(v == 1.0 for v in perfect.values())
+    wrong = summarise([caption_scores("a small blue circle above zib on a dotted background", truth)])
+    assert wrong["look"] == 0.0 and wrong["name"] == 1.0 and wrong["background"] == 0.0 and wrong["category"] == 1.0 and wrong["exact"] == 0.0
+    assert summarise([caption_scores("gibberish", truth)])["count"] == 0.0
+
+
+def test_dense_labels_cover_objects():
+    data = make_data(4, seed=0)
+    assert data.pixels.shape == (4, 64, 64, 3) and data.dense.shape == (4, 64, len(FIELDS))
+    assert data.background.shape == (4, 3)
+    for dense, scene in zip(data.dense, data.scenes):
+        categories = {CATEGORIES[c - 1] for c in dense[:, 0] if c}
+        assert categories <= {o.appearance.category for o in scene.objects} and categories
+
+
+# ---- the shipped pretrained models ----------------------------------------------------------------
+
+
+def _shipped():
+    from myvlm.toyworld.models import BLIP2_DIR, CLIP_FILE
+
+    if not (BLIP2_DIR / "config.json").is_file() or not CLIP_FILE.is_file():
+        pytest.skip("no shipped toy-world checkpoints (run scripts/pretrain_toyworld.py)")
+
+
+@pytest.fixture(scope="module")
+def toy_backbone():
+    _shipped()
+    from myvlm import BackboneConfig, load_backbone
+    from myvlm.toyworld.models import toyworld_blip2
+
+    return load_backbone(BackboneConfig(str(toyworld_blip2()), device="cpu", dtype="float32"))
+
+
+def test_shipped_blip2_captions_fresh_scenes(toy_backbone):
+    from myvlm.toyworld.evaluate import caption_accuracy
+
+    summary = caption_accuracy(toy_backbone, n=30, seed=123)["summary"]
+    # measured on 300 fresh scenes: background 100%, count 98%, relation 89%; shapes (category 33%) are
+    # the known weakness of the shipped model, so they are not asserted
+    assert summary["background"] >= 0.9 and summary["count"] >= 0.8 and summary["relation"] >= 0.6, summary
+
+
+def test_personalization_recalls_the_concept(toy_backbone, tmp_path):
+    """The fast benchmark: one concept, few steps; MyVLM must name it in unseen photos, and only there."""
+    import torch
+
+    from myvlm import load_concept
+    from myvlm.toyworld.bench import BenchConfig, evaluation_sets, measure, personalize_concept
+
+    concept = CONCEPTS[11]  # the demo's concept
+    cfg = BenchConfig(train={"steps": 60}, eval_positives=8, eval_negatives=6, eval_pool="val")
+    trained = personalize_concept(toy_backbone, concept, 0, cfg)
+    sets = evaluation_sets(concept, cfg)
+    metrics, _ = measure(toy_backbone, concept, trained, sets)
+    assert metrics["recall"] >= 0.6, metrics
+    assert metrics["negative_identifier"] <= 0.2, metrics
+    trained.save(tmp_path / "toy")  # the head's toy-world CLIP is rebuilt from the concept file
+    loaded = load_concept(tmp_path / "toy")
+    images = [im for im, _ in sets["positive"][:3] + sets["hard_negative"][:3]]
+    assert torch.allclose(loaded.head.score(images), trained.head.score(images))
