@@ -197,18 +197,11 @@ def _write_yaml(path: Path, text: str) -> None:
 
 def _publish(staged: Path, destination: Path, overwrite: bool) -> None:
     """Rename the finished concept folder into the library (swapping out the old one with ``overwrite``)."""
-    if not destination.exists():
-        os.replace(staged, destination)
-        return
-    if not overwrite:
+    from myvlm.concept import replace_folder
+
+    if destination.exists() and not overwrite:
         raise FileExistsError(f"{destination} appeared while training; pass --overwrite to replace it")
-    retired = staged.parent / f"{destination.name}.old"
-    os.replace(destination, retired)
-    try:
-        os.replace(staged, destination)
-    except BaseException:
-        os.replace(retired, destination)
-        raise
+    replace_folder(staged, destination)
 
 
 def train_job(job: TrainJob, config_yaml: str, progress: bool) -> Path:

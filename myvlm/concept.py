@@ -135,7 +135,7 @@ class Concept:
             if head_state:
                 save_file({k: v.detach().cpu().contiguous() for k, v in head_state.items()},
                           staging / HEAD_FILE, metadata=tensor_meta)
-            _replace_folder(staging, folder)
+            replace_folder(staging, folder)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -143,7 +143,8 @@ class Concept:
         return folder
 
 
-def _replace_folder(staging: Path, folder: Path) -> None:
+def replace_folder(staging: Path, folder: Path) -> None:
+    """Move the finished ``staging`` folder to ``folder``, swapping out an existing one; never half-done."""
     if not folder.exists():
         os.replace(staging, folder)
         return
