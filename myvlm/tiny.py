@@ -116,13 +116,7 @@ def build_tiny_blip2(
     model = Blip2ForConditionalGeneration(config)
     with torch.no_grad():  # transformers zero-initialises the queries; random ones let images matter
         model.query_tokens.normal_(std=initializer_range)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    logger.info("wrote a tiny random BLIP-2 (%s) to %s", language_model, folder)
-    return folder
+    return _save(model, processor, tokenizer, folder, f"BLIP-2 ({language_model})")
 
 
 # LLaVA-1.5's chat format ("USER: <image>\n{text} ASSISTANT:"), the template llava-hf ships.
@@ -195,10 +189,15 @@ def build_tiny_llava(
     torch.manual_seed(seed)
     model_class = LlavaForConditionalGeneration if variant == "llava" else LlavaNextForConditionalGeneration
     model = model_class(config)
+    return _save(model, processor, tokenizer, folder, variant)
+
+
+def _save(model, processor, tokenizer, folder: Path, what: str) -> Path:
+    """Write model + processor like a hub checkpoint, with generation stopping at the tokenizer's EOS."""
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
-    logger.info("wrote a tiny random %s to %s", variant, folder)
+    logger.info("wrote a tiny random %s to %s", what, folder)
     return folder
