@@ -147,7 +147,7 @@ def _add_demo(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) 
     p.add_argument("--seed", type=int, default=0, help="seed of the drawings and the training (default 0)")
     p.add_argument("--world", choices=["random", "toy"], default="random",
                    help="random: tiny random models (default); toy: the pretrained tiny toy-world BLIP-2 and CLIP "
-                        "shipped in myvlm/toyworld (work in progress: recall ~25%%, see the README)")
+                        "shipped in myvlm/toyworld (work in progress: recall ~50%%, see the README)")
     p.set_defaults(handler=_lazy("myvlm.demo", "run_demo_command"))
 
 

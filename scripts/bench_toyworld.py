@@ -41,6 +41,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--probe", nargs="*", default=[], help="ClipProbeHead overrides, e.g. threshold=0.7")
     parser.add_argument("--head", default=None, help="head registry name instead of the toy-world clip_probe "
                         "(e.g. 'always' to measure the embedding alone)")
+    parser.add_argument("--task", default="caption", choices=["caption", "vqa"],
+                        help="vqa: also train on and score questions about the concept (LLaVA)")
     parser.add_argument("--positives", type=int, default=20)
     parser.add_argument("--negatives", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1)
@@ -69,18 +71,20 @@ def main() -> None:
 
     backbone = load_backbone(BackboneConfig(args.backbone or str(toyworld_blip2()), device="cpu", dtype="float32"))
     cfg = BenchConfig(train=overrides(args.set), probe=overrides(args.probe), eval_pool=args.pool,
-                      eval_positives=args.positives, eval_negatives=args.negatives, head=args.head)
+                      eval_positives=args.positives, eval_negatives=args.negatives, head=args.head,
+                      task=args.task)
     concepts = [BY_NAME[n] for n in args.concepts] if args.concepts else list(CONCEPTS)
     results, started = [], time.perf_counter()
-    print(f"{'concept':<8} {'split':>5} " + " ".join(f"{k[:12]:>12}" for k in KEYS), flush=True)
+    keys = list(KEYS) + (["vqa_after", "vqa_base"] if args.task == "vqa" else [])
+    print(f"{'concept':<8} {'split':>5} " + " ".join(f"{k[:12]:>12}" for k in keys), flush=True)
     for concept in concepts:
         for split in range(args.splits):
             r = run_concept(backbone, concept, split, cfg)
             results.append(r)
-            print(f"{r.concept:<8} {split:>5} " + " ".join(f"{r.metrics[k]:>12.2f}" for k in KEYS)
+            print(f"{r.concept:<8} {split:>5} " + " ".join(f"{r.metrics[k]:>12.2f}" for k in keys)
                   + f"  ({r.seconds:.0f} s) {r.examples[0]['after']!r}", flush=True)
     summary = aggregate(results)
-    print("mean     " + "      " + " ".join(f"{summary[k]:>12.3f}" for k in KEYS))
+    print("mean     " + "      " + " ".join(f"{summary[k]:>12.3f}" for k in keys))
     print(f"{len(results)} runs in {time.perf_counter() - started:.0f} s")
     if args.out:
         args.out.write_text(json.dumps({"config": vars(args) | {"out": str(args.out)}, "summary": summary,

@@ -3,9 +3,9 @@
     python scripts/pretrain_toyworld.py                       # writes myvlm/toyworld/checkpoints
     python scripts/pretrain_toyworld.py --out /tmp/tw --vision-steps 100 --language-steps 100 --clip-steps 50
 
-Measured (2 threads on a shared, 2-4x oversubscribed 2-core machine): BLIP-2 32.5 min (data 1.5,
-vision 15, language 16), CLIP 16 min. Uncontended steady state is 0.22 s/step (vision), 0.37 s/step
-(language with the ViT tuned), so about 24 min for both. ``--llava`` adds an untested tiny LLaVA.
+Measured (2 threads, 2-core machine, partly shared with benchmark runs): BLIP-2 and CLIP 18.8 min
+(data 1.5, vision 2.3, language 9.8, CLIP 5.2). ``--llava`` adds the tiny LLaVA (its own vision and
+language stages on the same scenes).
 
 Writes ``<out>/blip2`` (loads with ``myvlm.load_backbone``), ``<out>/clip.safetensors`` and
 ``<out>/pretrain_report.json`` (losses, wall times and the captioner's accuracy on fresh scenes).
@@ -25,6 +25,7 @@ from myvlm.toyworld.evaluate import caption_accuracy, vqa_accuracy
 from myvlm.toyworld.models import CHECKPOINTS, Blip2Sizes, LlavaSizes, new_blip2, new_llava
 from myvlm.toyworld.pretrain import (
     StageConfig, make_data, object_pairs, train_clip, train_language, train_llava_language, train_vision,
+    vision_accuracy,
 )
 
 logger = logging.getLogger("pretrain_toyworld")
@@ -33,18 +34,19 @@ logger = logging.getLogger("pretrain_toyworld")
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=CHECKPOINTS)
-    parser.add_argument("--n-train", type=int, default=24000, help="rendered pretraining scenes")
-    parser.add_argument("--vision-steps", type=int, default=1500)
-    parser.add_argument("--language-steps", type=int, default=2000)
+    parser.add_argument("--n-train", type=int, default=20000, help="rendered pretraining scenes")
+    parser.add_argument("--vision-steps", type=int, default=2500)
+    parser.add_argument("--vision-lr", type=float, default=3e-3)
+    parser.add_argument("--language-steps", type=int, default=2500)
     parser.add_argument("--clip-steps", type=int, default=400)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--eval-n", type=int, default=300, help="fresh scenes for the accuracy report")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--vision-lr-scale", type=float, default=0.2, help="ViT tuning in the language stage (0 = frozen)")
-    parser.add_argument("--naming", type=float, default=0.3, help="fraction of scenes with the naming prior (0 = off)")
-    parser.add_argument("--llava-vision-steps", type=int, default=1200)
-    parser.add_argument("--llava-language-steps", type=int, default=1500)
+    parser.add_argument("--vision-lr-scale", type=float, default=0.0, help="ViT tuning in the language stage (0 = frozen)")
+    parser.add_argument("--naming", type=float, default=0.5, help="fraction of scenes with the naming prior (0 = off)")
+    parser.add_argument("--llava-vision-steps", type=int, default=2500)
+    parser.add_argument("--llava-language-steps", type=int, default=2500)
     parser.add_argument("--skip-clip", action="store_true")
     parser.add_argument("--skip-blip2", action="store_true")
     parser.add_argument("--llava", action="store_true", help="also pretrain the tiny LLaVA (experimental, untested)")
@@ -58,7 +60,8 @@ def curve(losses: list[float], every: int = 50) -> list[float]:
 def run_stages(args, report: dict, stages) -> None:
     for name, steps, stage in stages:
         t = time.perf_counter()
-        losses = stage(StageConfig(steps=steps, batch_size=args.batch_size, seed=args.seed))
+        lr = args.vision_lr if "vision" in name else 1e-3
+        losses = stage(StageConfig(steps=steps, batch_size=args.batch_size, lr=lr, seed=args.seed))
         report["seconds"][name] = round(time.perf_counter() - t, 1)
         report[f"{name}_loss"] = curve(losses)
 
@@ -70,12 +73,13 @@ def save(model, processor, folder: Path) -> None:
     model.to(torch.float32)
 
 
-def pretrain_blip2(args, data, report: dict) -> None:
+def pretrain_blip2(args, data, held_out, report: dict) -> None:
     model, processor = new_blip2(Blip2Sizes(), seed=args.seed)
     heads = {}
 
     def vision(cfg):
-        losses, heads["vision"] = train_vision(model.vision_model, data, cfg)
+        losses, heads["vision"] = train_vision(model.vision_model, data, cfg, held_out)
+        report["vision_accuracy"] = vision_accuracy(model.vision_model, heads["vision"], held_out)
         return losses
 
     run_stages(args, report, (
@@ -104,14 +108,20 @@ def pretrain_clip(args, report: dict) -> None:
     report["clip_loss"] = curve(losses)
 
 
-def pretrain_llava(args, data, report: dict) -> None:
+def pretrain_llava(args, data, held_out, report: dict) -> None:
     from myvlm import BackboneConfig, load_backbone
 
     model, processor = new_llava(LlavaSizes(), seed=args.seed)
+
+    def vision(cfg):
+        losses, heads = train_vision(model.model.vision_tower, data, cfg, held_out)
+        report["llava_vision_accuracy"] = vision_accuracy(model.model.vision_tower, heads, held_out)
+        return losses
+
     run_stages(args, report, (
-        ("llava_vision", args.llava_vision_steps, lambda cfg: train_vision(model.model.vision_tower, data, cfg)[0]),
+        ("llava_vision", args.llava_vision_steps, vision),
         ("llava_language", args.llava_language_steps,
-         lambda cfg: train_llava_language(model, processor, data, cfg)),
+         lambda cfg: train_llava_language(model, processor, data, cfg, args.naming)),
     ))
     save(model, processor, args.out / "llava")
     t = time.perf_counter()
@@ -130,16 +140,17 @@ def main() -> None:
     torch.manual_seed(args.seed)
     report, started = {"args": {k: str(v) for k, v in vars(args).items()}, "seconds": {}}, time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
-    data = None
+    data = held_out = None
     if not args.skip_blip2 or args.llava:
-        data = make_data(args.n_train, args.seed, Blip2Sizes().patch_size)
+        data = make_data(args.n_train, args.seed, Blip2Sizes().patch_size, others=1.0)
+        held_out = make_data(400, args.seed + 99, Blip2Sizes().patch_size)
         report["seconds"]["data"] = round(time.perf_counter() - started, 1)
     if not args.skip_blip2:
-        pretrain_blip2(args, data, report)
+        pretrain_blip2(args, data, held_out, report)
     if not args.skip_clip:
         pretrain_clip(args, report)
     if args.llava:
-        pretrain_llava(args, data, report)
+        pretrain_llava(args, data, held_out, report)
     report["seconds"]["total"] = round(time.perf_counter() - started, 1)
     (args.out / "pretrain_report.json").write_text(json.dumps(report, indent=1) + "\n")
     logger.info("wall times: %s", report["seconds"])

@@ -25,6 +25,7 @@ from myvlm.toyworld.concepts import (
     PersonalConcept, concept_photos, hard_negative_photos, target_caption, unrelated_photos,
 )
 from myvlm.toyworld.pretrain import parse_phrase
+from myvlm.toyworld.questions import concept_questions
 from myvlm.toyworld.scenes import Scene, caption, parse_caption
 
 logger = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ class BenchConfig:
     eval_pool: str = "test"  # "val" while choosing settings, "test" for reported numbers
     probe: dict[str, Any] = field(default_factory=dict)  # ClipProbeHead keyword overrides
     head: Optional[str] = None  # None = clip_probe on the toy-world CLIP; a registry name (e.g. "always_on")
+    task: str = "caption"  # "vqa": train on captions and questions about the concept, and score answers too
 
 
 @dataclass
@@ -105,15 +107,27 @@ def personalize_concept(backbone, concept: PersonalConcept, split: int, cfg: Ben
     from myvlm import personalize
 
     photos = concept_photos(concept, "train", TRAIN_PHOTOS, start=TRAIN_PHOTOS * split)
+    questions = [concept_questions(scene, concept.identifier) for _, scene in photos] if cfg.task == "vqa" else None
     return personalize(
         [im for im, _ in photos], concept.name, identifier=concept.identifier,
         captions=[[target_caption(scene)] for _, scene in photos], class_word=concept.class_word,
         backbone=backbone, negatives=head_negatives(concept, cfg.head_negatives), head=toy_head(cfg.probe, cfg.head),
-        train={"checkpoint_every": 0, **cfg.train}, progress=progress,
+        train={"checkpoint_every": 0, **cfg.train}, progress=progress, task=cfg.task, questions=questions,
     )
 
 
-def measure(backbone, concept: PersonalConcept, trained, sets: dict[str, list]) -> tuple[dict[str, float], list]:
+def answer_accuracy(vlm, concept: PersonalConcept, items: list) -> float:
+    """Exact answers to the questions about the concept (its shape; is it in the picture) on its photos."""
+    correct = []
+    for question, _ in concept_questions(items[0][1], concept.identifier):
+        answers = vlm.ask([im for im, _ in items], question, progress=False)
+        truths = [dict(concept_questions(scene, concept.identifier))[question] for _, scene in items]
+        correct += [a.text.strip().rstrip(".").lower() == t for a, t in zip(answers, truths)]
+    return _rate(correct)
+
+
+def measure(backbone, concept: PersonalConcept, trained, sets: dict[str, list],
+            task: str = "caption") -> tuple[dict[str, float], list]:
     """Captions before (frozen VLM) and after (MyVLM with the head), scored against ground truth."""
     from myvlm import MyVLM
 
@@ -127,6 +141,9 @@ def measure(backbone, concept: PersonalConcept, trained, sets: dict[str, list]) 
         metrics[f"{role}_identifier"] = _rate(said)
         metrics[f"{role}_head"] = _rate([concept.name in r.active for r in after])
         metrics[f"{role}_base_identifier"] = _rate([contains_identifier(r.text, concept.identifier) for r in before])
+        if role == "positive" and task == "vqa":
+            metrics["vqa_after"] = answer_accuracy(vlm, concept, items)
+            metrics["vqa_base"] = answer_accuracy(base, concept, items)
         if role == "positive":  # the oracle: the concept forced on, whatever the head says
             forced = vlm.caption(images, concepts=[], force=[concept.name], progress=False)
             metrics["oracle_recall"] = _rate([contains_identifier(r.text, concept.identifier) for r in forced])
@@ -149,7 +166,7 @@ def run_concept(backbone, concept: PersonalConcept, split: int = 0, cfg: Optiona
     cfg = cfg or BenchConfig()
     started = time.perf_counter()
     trained = personalize_concept(backbone, concept, split, cfg, progress)
-    metrics, examples = measure(backbone, concept, trained, evaluation_sets(concept, cfg))
+    metrics, examples = measure(backbone, concept, trained, evaluation_sets(concept, cfg), cfg.task)
     metrics["final_loss"] = float(trained.training.get("final_loss", float("nan")))
     result = ConceptResult(concept.name, split, metrics, time.perf_counter() - started, examples)
     logger.info("%s split %d: recall %.2f, negatives %.2f, context %.2f (base %.2f) in %.0f s", concept.name, split,

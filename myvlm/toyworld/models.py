@@ -42,7 +42,7 @@ WORDS = sorted(set(
 class Blip2Sizes:
     """Architecture of the tiny BLIP-2 (ViT -> Q-Former -> OPT)."""
 
-    patch_size: int = 8  # ViT patch side in pixels (64 px images -> 8x8 = 64 patches)
+    patch_size: int = 16  # ViT patch side in pixels (64 px images -> 4x4 = 16 patches)
     vision_hidden: int = 128  # ViT width
     vision_layers: int = 4  # ViT depth
     qformer_hidden: int = 128  # Q-Former width
@@ -116,7 +116,7 @@ def new_blip2(sizes: Blip2Sizes = Blip2Sizes(), seed: int = 0):
 
 CLIP_CONFIG: dict[str, Any] = {
     "embed_dim": 128,
-    "vision_cfg": {"image_size": SIZE, "layers": 4, "width": 128, "head_width": 32, "patch_size": 8},
+    "vision_cfg": {"image_size": SIZE, "layers": 4, "width": 128, "head_width": 32, "patch_size": 16},
     "text_cfg": {"context_length": 32, "vocab_size": len(WORDS) + 2, "width": 64, "heads": 2, "layers": 2},
 }
 
@@ -193,7 +193,7 @@ LLAVA_LINES = [  # prompts and answers of the chat format, so that they tokenize
 class LlavaSizes:
     """Architecture of the tiny LLaVA-1.5 (CLIP ViT -> MLP projector -> Llama)."""
 
-    patch_size: int = 8  # ViT patch side (64 px -> 64 image tokens)
+    patch_size: int = 16  # ViT patch side (64 px -> 16 image tokens)
     vision_hidden: int = 128  # ViT width
     vision_layers: int = 4  # ViT depth (the LLM reads the last layer, vision_feature_layer=-1)
     text_hidden: int = 128  # Llama width

@@ -7,10 +7,10 @@
 
 Vocabulary: category x (solid colour | two-colour pattern) x size, 2-object relations
 ("above", "left of", canonical: the top / left object is named first), 3 objects left to right,
-and a background type. Pretraining scenes also hold *named objects*: a few fixed
-(category, pattern, colours) combinations that the captions call by a name ("zib above a blue
-square ..."), so that the language model learns names as a visual property, as real LLMs do.
-Medium size is not spoken ("a red circle"). Every scene keeps its structured ground truth.
+and a background type. Scenes also hold *named objects*: fixed (category, pattern, colours)
+combinations that captions call by a name ("zib above a blue square ..."), so that the language
+model learns names as something seen, as real LLMs do; ``pretrain.NamingPrior`` also teaches that
+a name can be given by a token showing the object. Medium size is not spoken ("a red circle"). Every scene keeps its structured ground truth.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ COLOURS = {  # solid colours of the base vocabulary
 PATTERN_COLOURS = {**COLOURS, "white": (250, 250, 250), "black": (25, 25, 25)}  # colours inside patterns
 PATTERNS = ("striped", "dotted", "checkered", "split")  # two-colour fills
 DETAILS = ("outline", "centre")  # shape details only personal concepts have (a rim, a centre dot)
-SIZES = {"small": 14, "medium": 20, "large": 28}  # diameter in pixels (+-1 jitter)
+SIZES = {"small": 18, "medium": 24, "large": 30}  # diameter in pixels (times the scale jitter)
 BACKGROUNDS = ("plain", "striped", "checkered", "dotted")
 RELATIONS = ("above", "left of")
 # Names of the named objects (pretraining). Short, pronounceable, one BPE token each.
