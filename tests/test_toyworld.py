@@ -153,3 +153,37 @@ def test_personalization_recalls_the_concept(toy_backbone, tmp_path):
     loaded = load_concept(tmp_path / "toy")
     images = [im for im, _ in sets["positive"][:3] + sets["hard_negative"][:3]]
     assert torch.allclose(loaded.head.score(images), trained.head.score(images))
+
+
+@pytest.fixture(scope="module")
+def toy_llava():
+    from myvlm.toyworld.models import LLAVA_DIR
+
+    if not (LLAVA_DIR / "config.json").is_file():
+        pytest.skip("no shipped toy-world LLaVA (run scripts/pretrain_toyworld.py --llava)")
+    from myvlm import BackboneConfig, load_backbone
+
+    return load_backbone(BackboneConfig(str(LLAVA_DIR), device="cpu", dtype="float32"))
+
+
+def test_shipped_llava_captions_and_answers(toy_llava):
+    from myvlm.toyworld.evaluate import caption_accuracy, vqa_accuracy
+
+    summary = caption_accuracy(toy_llava, n=30, seed=123)["summary"]
+    # measured on 300 fresh scenes: category 88%, look 88%, background 97%, count 96%; VQA 92%
+    assert summary["category"] >= 0.7 and summary["background"] >= 0.85 and summary["count"] >= 0.8, summary
+    assert vqa_accuracy(toy_llava, n=30, seed=321)["all"] >= 0.75
+
+
+def test_llava_personalization_answers_questions_about_the_concept(toy_llava):
+    """The fast LLaVA benchmark: with the concept embedding (head forced on), the identifier is named in
+    captions and questions about it are answered (measured: 99% recall, 98% VQA over 12 test concepts)."""
+    from myvlm.toyworld.bench import BenchConfig, evaluation_sets, measure, personalize_concept
+
+    concept = CONCEPTS[6]
+    cfg = BenchConfig(train={"steps": 60}, eval_positives=6, eval_negatives=3, eval_pool="val", head="always",
+                      task="vqa")
+    trained = personalize_concept(toy_llava, concept, 0, cfg)
+    metrics, _ = measure(toy_llava, concept, trained, evaluation_sets(concept, cfg), task="vqa")
+    assert metrics["oracle_recall"] >= 0.8 and metrics["vqa_after"] >= 0.8, metrics
+    assert metrics["vqa_after"] > metrics["vqa_base"], metrics
