@@ -10,7 +10,8 @@ Vocabulary: category x (solid colour | two-colour pattern) x size, 2-object rela
 and a background type. Scenes also hold *named objects*: fixed (category, pattern, colours)
 combinations that captions call by a name ("zib above a blue square ..."), so that the language
 model learns names as something seen, as real LLMs do; ``pretrain.NamingPrior`` also teaches that
-a name can be given by a token showing the object. Medium size is not spoken ("a red circle"). Every scene keeps its structured ground truth.
+a name can be given by a token showing the object. Medium size is not spoken ("a red circle").
+Every scene keeps its structured ground truth.
 """
 
 from __future__ import annotations
