@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
+import torch
 
 from myvlm.toyworld.concepts import (
     CONCEPTS, concept_photos, hard_negative_photos, target_caption, unrelated_photos,
@@ -134,8 +137,6 @@ def test_shipped_blip2_captions_fresh_scenes(toy_backbone):
 def test_personalization_recalls_the_concept(toy_backbone, tmp_path):
     """The fast benchmark: one concept, few steps; the embedding must name it in unseen photos, MyVLM must
     name it wherever its head fires, and stay silent on look-alikes and other scenes."""
-    import torch
-
     from myvlm import load_concept
     from myvlm.toyworld.bench import BenchConfig, evaluation_sets, measure, personalize_concept
 
@@ -187,3 +188,25 @@ def test_llava_personalization_answers_questions_about_the_concept(toy_llava):
     metrics, _ = measure(toy_llava, concept, trained, evaluation_sets(concept, cfg), task="vqa")
     assert metrics["oracle_recall"] >= 0.8 and metrics["vqa_after"] >= 0.8, metrics
     assert metrics["vqa_after"] > metrics["vqa_base"], metrics
+
+
+def test_pretraining_is_deterministic(tmp_path):
+    """Two runs of the pretraining script (a few steps of every stage) write bit-identical weights."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    def run(out):
+        subprocess.run([sys.executable, "scripts/pretrain_toyworld.py", "--out", str(out), "--n-train", "64",
+                        "--vision-steps", "3", "--language-steps", "3", "--clip-steps", "2", "--batch-size", "8",
+                        "--eval-n", "4", "--threads", "1", "--llava", "--llava-vision-steps", "2",
+                        "--llava-language-steps", "2"], check=True, capture_output=True,
+                       cwd=Path(__file__).resolve().parents[1])
+        return {name: load_file(str(out / name)) for name in ("blip2/model.safetensors", "clip.safetensors",
+                                                              "llava/model.safetensors")}
+
+    first, second = run(tmp_path / "a"), run(tmp_path / "b")
+    for name, tensors in first.items():
+        assert tensors.keys() == second[name].keys()
+        assert all(torch.equal(tensors[k], second[name][k]) for k in tensors), name
