@@ -43,7 +43,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--eval-n", type=int, default=300, help="fresh scenes for the accuracy report")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--vision-lr-scale", type=float, default=0.0, help="ViT tuning in the language stage (0 = frozen)")
+    parser.add_argument("--vision-lr-scale", type=float, default=0.2, help="ViT tuning in the language stage (0 = frozen)")
     parser.add_argument("--naming", type=float, default=0.5, help="fraction of scenes with the naming prior (0 = off)")
     parser.add_argument("--llava-vision-steps", type=int, default=2500)
     parser.add_argument("--llava-language-steps", type=int, default=2500)
