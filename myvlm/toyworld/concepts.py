@@ -4,12 +4,13 @@
     concept = CONCEPTS[0]          # e.g. a checkered circle with a black rim, identifier "tev"
     photos = concept_photos(concept, "train", 4)   # [(PIL image, Scene), ...]
 
-Each concept is one (category, pattern, two colours, detail) combination that no pretraining
-scene has (pretraining objects never carry a detail). Its photos vary pose, scale, lighting,
-background and the other objects, as photos of one object would. Its identifier is one of the
-names the language model learned in pretraining (``NamingPrior``: names given to objects shown
-in another photo), one per concept. Hard negatives share the category and differ in pattern or
-colours (or detail).
+Each concept is one (category, pattern, two colours, detail) combination that no named object
+and no pretraining scene has (pretraining objects never carry a detail). Its photos vary pose,
+scale, lighting, background and the other objects, as photos of one object would. Its
+identifier is a name the language model learned in pretraining for *another* object of the same
+category (a name prior grounded in what is seen; ``NamingPrior`` also gave every name to other
+objects through an extra token); scenes with that other object are kept out of every split. Hard
+negatives share the category and differ in pattern or colours (or detail).
 Every image is a pure function of (concept, split, index).
 """
 
