@@ -13,7 +13,7 @@ from myvlm.toyworld.concepts import (
 )
 from myvlm.toyworld.pretrain import caption_scores, make_data, summarise
 from myvlm.toyworld.scenes import (
-    CATEGORIES, NAME_OF, NAMED, NAMES, caption, parse_caption, render, sample_scene,
+    NAME_OF, NAMED, NAMES, caption, parse_caption, render, sample_scene,
 )
 
 
