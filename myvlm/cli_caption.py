@@ -31,10 +31,10 @@ from myvlm.cli_config import (
     to_yaml,
 )
 from myvlm.cli_inputs import expand_images, split_overrides
+from myvlm.config import CONCEPT_FILE
 
 logger = logging.getLogger(__name__)
 
-CONCEPT_FILE = "concept.json"
 
 
 def flag_overrides(args: argparse.Namespace) -> list[str]:

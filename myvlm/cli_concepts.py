@@ -19,10 +19,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-logger = logging.getLogger(__name__)
+from myvlm.config import CONCEPT_FILE, CONCEPT_FORMAT, EMBEDDING_FILE
 
-CONCEPT_FILE, EMBEDDING_FILE = "concept.json", "embedding.safetensors"  # as myvlm.concept writes them
-FORMAT = "myvlm.concept"
+logger = logging.getLogger(__name__)
 
 
 class LibraryError(ValueError):
@@ -38,7 +37,7 @@ def read_metadata(folder: Path) -> dict[str, Any]:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise LibraryError(f"{path} is not valid JSON ({error})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+    if not isinstance(meta, dict) or meta.get("format") != CONCEPT_FORMAT:
         raise LibraryError(f"{path} is not a myvlm concept")
     if not (folder / EMBEDDING_FILE).is_file():
         raise LibraryError(f"{folder} has no {EMBEDDING_FILE}")

@@ -36,10 +36,10 @@ from myvlm.cli_config import (
     to_yaml,
 )
 from myvlm.cli_inputs import expand_images, split_overrides
+from myvlm.config import CONCEPT_FILE
 
 logger = logging.getLogger(__name__)
 
-CONCEPT_FILE = "concept.json"  # what marks a folder as a concept (myvlm.concept.CONFIG_FILE)
 _HINTS = {"concept.name": "; pass --concept NAME (or concept.name=NAME)"}
 
 

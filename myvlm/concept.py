@@ -28,6 +28,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from myvlm.config import CONCEPT_FILE, CONCEPT_FORMAT, EMBEDDING_FILE, HEAD_FILE
 from myvlm.heads import ConceptHead, load_head
 
 if TYPE_CHECKING:
@@ -35,9 +36,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-FORMAT = "myvlm.concept"
+FORMAT = CONCEPT_FORMAT
 FORMAT_VERSION = 1
-CONFIG_FILE, EMBEDDING_FILE, HEAD_FILE = "concept.json", "embedding.safetensors", "head.safetensors"
 KINDS = ("object", "person")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -127,7 +127,7 @@ class Concept:
         folder.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
         try:
-            (staging / CONFIG_FILE).write_text(json.dumps(self.metadata(), indent=2) + "\n")
+            (staging / CONCEPT_FILE).write_text(json.dumps(self.metadata(), indent=2) + "\n")
             tensor_meta = {"format": FORMAT, "name": self.name}
             save_file({"embedding": self.embedding.detach().float().cpu().contiguous()},
                       staging / EMBEDDING_FILE, metadata=tensor_meta)
@@ -162,9 +162,9 @@ def replace_folder(staging: Path, folder: Path) -> None:
 def load_concept(folder: Union[str, Path], **head_runtime: Any) -> Concept:
     """Load a concept folder. ``head_runtime`` goes to the head (e.g. ``feature_extractor=...``)."""
     folder = Path(folder)
-    config_path = folder / CONFIG_FILE
+    config_path = folder / CONCEPT_FILE
     if not config_path.is_file():
-        raise ConceptError(f"{folder} is not a concept folder (no {CONFIG_FILE})")
+        raise ConceptError(f"{folder} is not a concept folder (no {CONCEPT_FILE})")
     try:
         meta = json.loads(config_path.read_text())
     except json.JSONDecodeError as error:

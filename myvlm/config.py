@@ -13,6 +13,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Optional
 
+# A concept folder: its files and the format tag of its JSON (myvlm.concept writes them; the CLI finds and
+# checks concepts by them without importing torch)
+CONCEPT_FILE, EMBEDDING_FILE, HEAD_FILE = "concept.json", "embedding.safetensors", "head.safetensors"
+CONCEPT_FORMAT = "myvlm.concept"
+
 
 @dataclass
 class BackboneConfig:

@@ -14,8 +14,7 @@ The names below are imported on first use, so building the CLI parser stays fast
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from myvlm import lazy_getattr
 
 _EXPORTS = {
     "LoraBaseline": "myvlm.eval.baselines",
@@ -46,9 +45,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'myvlm.eval' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _EXPORTS)
