@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from myvlm.injection import ConceptBank, ConceptInjector
 from myvlm.toyworld.concepts import CONCEPTS
 from myvlm.toyworld.models import PixelNormaliser, clip_text_ids
 from myvlm.toyworld.scenes import (
@@ -289,15 +290,15 @@ class NamingPrior(nn.Module):
         self.names: Optional[torch.Tensor] = None  # (B,) name index or -1, for the next forward
         self.features: Optional[torch.Tensor] = None  # (B, D) the renamed object's look (this or another photo)
 
-    def plan(self, data: WorldData, i: int) -> tuple[str, int]:
-        """(target caption, name index or -1) for scene ``i``."""
+    def plan(self, data: WorldData, i: int) -> tuple[Scene, int]:
+        """(scene ``i`` as the targets describe it, name index or -1): with a name, one object carries it."""
         scene, index = data.scenes[i], int(data.other_object[i]) if data.other_object is not None else -1
         if index < 0 or scene.objects[index].name or self.rng.random() >= self.probability:
-            return data.captions[i], -1
+            return scene, -1
         taken = {o.name for o in scene.objects}
         name = str(self.rng.choice([n for n in NAMES if n not in taken]))
         objects = [replace(o, name=name) if k == index else o for k, o in enumerate(scene.objects)]
-        return caption(replace(scene, objects=objects)), NAMES.index(name)
+        return replace(scene, objects=objects), NAMES.index(name)
 
     @torch.no_grad()
     def prepare(self, patch_features: Callable[[torch.Tensor], torch.Tensor], data: WorldData, idx: np.ndarray,
@@ -367,7 +368,7 @@ def train_language(model, processor, data: WorldData, cfg: StageConfig, heads: O
         texts = [data.captions[i] for i in idx]
         if prior is not None:
             plans = [prior.plan(data, int(i)) for i in idx]
-            texts = [text for text, _ in plans]
+            texts = [caption(scene) for scene, _ in plans]
             prior.prepare(lambda pixels: model.vision_model(pixel_values=pixels).last_hidden_state[:, 1:], data, idx,
                           [name for _, name in plans])
         batch = caption_batch(processor.tokenizer, model.config.num_query_tokens, image_token, texts)
@@ -556,22 +557,19 @@ def llava_task(scene: Scene, name: Optional[str], rng: np.random.Generator, back
     return pairs[int(rng.integers(len(pairs)))]
 
 
-class _PriorInjector:
-    """The naming prior through the library's own LLaVA injection path: a ConceptInjector whose one
-    concept's token is the prior's per-sample token (built lazily to keep the import light)."""
+class PriorInjector(ConceptInjector):
+    """The naming prior through the library's own LLaVA injection path (concept slots at the projector
+    input): one concept whose token is the prior's per-sample token."""
 
-    @staticmethod
-    def build(backbone, prior: NamingPrior):
-        from myvlm.injection import ConceptBank, ConceptInjector
+    def __init__(self, backbone, prior: NamingPrior):
+        super().__init__(backbone, ConceptBank(["prior"], backbone.concept_dim, seed=0))
+        self.prior = prior
 
-        class PriorInjector(ConceptInjector):
-            def concept_tokens(self, image_tokens: torch.Tensor):
-                if self.active_mask is None:
-                    return None
-                mask = self.active_mask.to(image_tokens.device)  # (B, 1)
-                return prior.tokens(image_tokens)[:, None] * mask[..., None], mask
-
-        return PriorInjector(backbone, ConceptBank(["prior"], backbone.concept_dim, seed=0))
+    def concept_tokens(self, image_tokens: torch.Tensor) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        if self.active_mask is None:
+            return None
+        mask = self.active_mask.to(image_tokens.device)  # (B, 1)
+        return self.prior.tokens(image_tokens)[:, None] * mask[..., None], mask
 
 
 def train_llava_language(model, processor, data: WorldData, cfg: StageConfig, naming: float = 0.0) -> list[float]:
@@ -597,21 +595,14 @@ def train_llava_language(model, processor, data: WorldData, cfg: StageConfig, na
 
     def loss_fn(idx: np.ndarray) -> torch.Tensor:
         plans = [prior.plan(data, int(i)) for i in idx]
-        tasks = []
-        for i, (text, name) in zip(idx, plans):
-            scene = data.scenes[i]
-            if name >= 0:
-                k = int(data.other_object[i])
-                scene = replace(scene, objects=[replace(o, name=NAMES[name]) if j == k else o
-                                                for j, o in enumerate(scene.objects)])
-            tasks.append(llava_task(scene, NAMES[name] if name >= 0 else None, rng, backbone))
+        tasks = [llava_task(scene, NAMES[name] if name >= 0 else None, rng, backbone) for scene, name in plans]
         prior.prepare(patch_features, data, idx, [name for _, name in plans])
         images = [Image.fromarray(data.pixels[i]) for i in idx]
         with injector.activate([[0] if name >= 0 else [] for _, name in plans]):
             batch = backbone.prepare_batch(images, [t for _, t in tasks], [p for p, _ in tasks])
             return backbone.sequence_loss(batch).mean()
 
-    injector = _PriorInjector.build(backbone, prior)
+    injector = PriorInjector(backbone, prior)
     with injector:
         losses = run_stage(trainable + list(prior.parameters()), loss_fn, len(data.captions), cfg, "llava-language")
     model.requires_grad_(False).eval()
