@@ -1,6 +1,6 @@
 """The ``myvlm`` command: personalize, caption and manage concepts from the shell.
 
-    myvlm demo                                             # tiny random models, < 1 min on a CPU
+    myvlm demo                                             # the pretrained toy world, < 1 min on a CPU
     myvlm train --concept my_dog --data data/ --backbone blip2_opt_2.7b train.steps=50
     myvlm caption photos/*.jpg --concepts concepts --explain
     myvlm concepts list
@@ -137,17 +137,19 @@ def _add_concepts(sub: argparse._SubParsersAction, common: argparse.ArgumentPars
 
 
 def _add_demo(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser("demo", parents=[common], help="personalize and caption with tiny random models (offline)",
-                       description="Draw a toy concept, build a tiny random BLIP-2 and image encoder, fit the head, "
-                                   "train the embedding and caption held-out drawings. The models are random: the "
-                                   "captions are gibberish and only the mechanics are shown. < 1 min on 2 CPU cores.")
+    p = sub.add_parser("demo", parents=[common], help="personalize a tiny pretrained VLM to a toy-world object (offline)",
+                       description="Personalize the shipped tiny toy-world BLIP-2 (pretrained on scenes of shapes) "
+                                   "to one object from 4 photos: fit the head, train the embedding, caption unseen "
+                                   "photos of it, of a look-alike and of another scene before and after, and print "
+                                   "recall / false positives / context. --world random runs the same mechanics on "
+                                   "tiny random models (gibberish captions). < 1 min on 2 CPU cores.")
     p.add_argument("--workdir", metavar="DIR", help="where the tiny model, drawings and concept go "
                    "(default: $XDG_CACHE_HOME/myvlm/demo or ~/.cache/myvlm/demo)")
     p.add_argument("--steps", type=int, default=100, help="embedding training steps (default 100)")
     p.add_argument("--seed", type=int, default=0, help="seed of the drawings and the training (default 0)")
-    p.add_argument("--world", choices=["random", "toy"], default="random",
-                   help="random: tiny random models (default); toy: the pretrained tiny toy-world BLIP-2 and CLIP "
-                        "shipped in myvlm/toyworld (work in progress: recall ~50%%, see the README)")
+    p.add_argument("--world", choices=["toy", "random"], default="toy",
+                   help="toy: the pretrained tiny toy-world BLIP-2 and CLIP shipped in myvlm/toyworld (default); "
+                        "random: tiny random models, mechanics only")
     p.set_defaults(handler=_lazy("myvlm.demo", "run_demo_command"))
 
 

@@ -1,9 +1,10 @@
-"""``myvlm demo``: personalize and caption with tiny random models, offline, in well under a minute.
+"""``myvlm demo``: personalize and caption offline, in well under a minute.
 
-    myvlm demo                       # the README's `make demo`
-    myvlm demo --workdir /tmp/demo --steps 100
+    myvlm demo                       # the README's `make demo`: the pretrained toy world (myvlm.toyworld.demo)
+    myvlm demo --world random --workdir /tmp/demo --steps 100
 
-It draws a toy world (a red-white target with a blue centre, "my_toy", in ten places; other
+``--world toy`` (the default) runs ``myvlm.toyworld.demo``. ``--world random`` (this module) draws
+a toy world of its own (a red-white target with a blue centre, "my_toy", in ten places; other
 shapes as negatives), builds a tiny random BLIP-2 (cached in ``$XDG_CACHE_HOME/myvlm/demo``)
 and a tiny random image encoder, fits the concept head, trains the concept embedding for 100
 steps and captions held-out drawings before and after. The weights are random, so the captions
@@ -258,9 +259,10 @@ def format_report(report: DemoReport, steps: int) -> str:
 def run_demo_command(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     workdir = Path(args.workdir) if args.workdir else None
-    if getattr(args, "world", "random") == "toy":
+    if getattr(args, "world", "toy") == "toy":
         from myvlm.toyworld.demo import format_toyworld_report, run_toyworld_demo
 
+        workdir = workdir or cache_dir() / "toyworld"
         report = run_toyworld_demo(workdir, steps=args.steps, seed=args.seed, progress=not args.quiet)
         print(format_toyworld_report(report))
         print(f"\ndone in {time.perf_counter() - started:.1f} s")

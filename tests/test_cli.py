@@ -254,8 +254,8 @@ def test_demo_shows_detection_and_says_the_models_are_random(tmp_path):
 
 
 def test_demo_on_the_toy_world_reports_its_metrics(tmp_path, capsys):
-    """`myvlm demo --world toy` runs on the shipped pretrained toy world and prints the metric line."""
-    assert main(["demo", "--world", "toy", "--workdir", str(tmp_path), "--steps", "10", "-q"]) == 0
+    """`myvlm demo` (default: the toy world) runs on the shipped pretrained models and prints the metric line."""
+    assert main(["demo", "--workdir", str(tmp_path), "--steps", "10", "-q"]) == 0
     out = capsys.readouterr().out
     assert "the toy world" in out and "recall" in out and "false positives" in out
     assert (tmp_path / "concepts").is_dir() and list((tmp_path / "data").glob("*/captions.json"))
