@@ -2,6 +2,7 @@
 
     python scripts/bench_toyworld.py                                   # 12 concepts x 3 splits, tiny BLIP-2, test pool
     python scripts/bench_toyworld.py --concepts toy_00 --splits 1 --pool val --set steps=50
+    python scripts/bench_toyworld.py --head-only --pool val --head-positives 4 40   # the concept head alone
 
 Prints one line per (concept, split), then the means, and writes them as JSON (``--out``).
 Choose settings on ``--pool val``; report ``--pool test``.
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from myvlm.toyworld.bench import BenchConfig, aggregate, run_concept
+from myvlm.toyworld.bench import BenchConfig, aggregate, head_only, run_concept
 from myvlm.toyworld.concepts import BY_NAME, CONCEPTS
 
 KEYS = ("recall", "oracle_recall", "positive_head", "negative_identifier", "hard_negative_identifier", "unrelated_identifier",
@@ -41,6 +42,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--probe", nargs="*", default=[], help="ClipProbeHead overrides, e.g. threshold=0.7")
     parser.add_argument("--head", default=None, help="head registry name instead of the toy-world clip_probe "
                         "(e.g. 'always' to measure the embedding alone)")
+    parser.add_argument("--clip", default=None, help="toy-world CLIP checkpoint for the head (default: the shipped one)")
+    parser.add_argument("--head-only", action="store_true",
+                        help="measure the concept head alone (no VLM): fires on unseen positives / look-alikes / scenes")
+    parser.add_argument("--head-positives", type=int, nargs="*", default=[4],
+                        help="with --head-only: training photos per fit (several values: one table row each)")
     parser.add_argument("--task", default="caption", choices=["caption", "vqa"],
                         help="vqa: also train on and score questions about the concept (LLaVA)")
     parser.add_argument("--positives", type=int, default=20)
@@ -62,6 +68,17 @@ def overrides(pairs: list[str]) -> dict:
     return out
 
 
+def bench_heads(cfg: BenchConfig, concepts: list, positives: list[int], splits: int) -> None:
+    """One row per number of training photos: mean head firing rates over concepts x splits."""
+    print(f"{'positives':>9} {'recall':>8} {'hard FP':>8} {'other FP':>8}   ({len(concepts)} concepts x {splits} splits)")
+    for n in positives:
+        started = time.perf_counter()
+        rows = [head_only(c, cfg, n, start=n * split) for c in concepts for split in range(splits)]
+        mean = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
+        print(f"{n:>9} {mean['positive_head']:>8.1%} {mean['hard_negative_head']:>8.1%} {mean['unrelated_head']:>8.1%}"
+              f"   ({time.perf_counter() - started:.0f} s)", flush=True)
+
+
 def main() -> None:
     args = parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
@@ -69,11 +86,14 @@ def main() -> None:
     from myvlm import BackboneConfig, load_backbone
     from myvlm.toyworld.models import toyworld_blip2
 
-    backbone = load_backbone(BackboneConfig(args.backbone or str(toyworld_blip2()), device="cpu", dtype="float32"))
     cfg = BenchConfig(train=overrides(args.set), probe=overrides(args.probe), eval_pool=args.pool,
                       eval_positives=args.positives, eval_negatives=args.negatives, head=args.head,
-                      task=args.task)
+                      task=args.task, clip=args.clip)
     concepts = [BY_NAME[n] for n in args.concepts] if args.concepts else list(CONCEPTS)
+    if args.head_only:
+        bench_heads(cfg, concepts, args.head_positives, args.splits)
+        return
+    backbone = load_backbone(BackboneConfig(args.backbone or str(toyworld_blip2()), device="cpu", dtype="float32"))
     results, started = [], time.perf_counter()
     keys = list(KEYS) + (["vqa_after", "vqa_base"] if args.task == "vqa" else [])
     print(f"{'concept':<8} {'split':>5} " + " ".join(f"{k[:12]:>12}" for k in keys), flush=True)

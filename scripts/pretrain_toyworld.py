@@ -3,9 +3,9 @@
     python scripts/pretrain_toyworld.py                       # writes myvlm/toyworld/checkpoints
     python scripts/pretrain_toyworld.py --out /tmp/tw --vision-steps 100 --language-steps 100 --clip-steps 50
 
-Measured (2 threads, 2-core machine, partly shared with benchmark runs): BLIP-2 and CLIP 18.8 min
-(data 1.5, vision 2.3, language 9.8, CLIP 5.2). ``--llava`` adds the tiny LLaVA (its own vision and
-language stages on the same scenes).
+Measured (2 threads, idle 2-core machine): ``--llava`` (all three models) 28.9 min: data 1.5, BLIP-2
+vision 2.7 and language 9.2, CLIP 3.1, LLaVA vision 2.6 and language 9.6; the files were byte-identical
+to the shipped ones. ``--llava`` adds the tiny LLaVA (its own vision and language stages on the same scenes).
 
 Writes ``<out>/blip2`` (loads with ``myvlm.load_backbone``), ``<out>/clip.safetensors`` and
 ``<out>/pretrain_report.json`` (losses, wall times and the captioner's accuracy on fresh scenes).
@@ -17,6 +17,7 @@ import argparse
 import json
 import logging
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -24,7 +25,7 @@ import torch
 from myvlm.toyworld.evaluate import caption_accuracy, vqa_accuracy
 from myvlm.toyworld.models import CHECKPOINTS, Blip2Sizes, LlavaSizes, new_blip2, new_llava
 from myvlm.toyworld.pretrain import (
-    StageConfig, make_data, object_pairs, train_clip, train_language, train_llava_language, train_vision,
+    ClipObjectives, StageConfig, make_data, object_pairs, train_clip, train_language, train_llava_language, train_vision,
     vision_accuracy,
 )
 
@@ -39,17 +40,24 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--vision-lr", type=float, default=3e-3)
     parser.add_argument("--language-steps", type=int, default=2500)
     parser.add_argument("--clip-steps", type=int, default=400)
+    parser.add_argument("--clip-set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="CLIP stage objectives (ClipObjectives), e.g. objects=1 conjunctions=true look_alikes=1")
+    parser.add_argument("--clip-pool", default="tok", choices=["tok", "avg"],
+                        help="open_clip image pooling: class token (shipped) or mean of the patch tokens")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--eval-n", type=int, default=300, help="fresh scenes for the accuracy report")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vision-lr-scale", type=float, default=0.2, help="ViT tuning in the language stage (0 = frozen)")
     parser.add_argument("--naming", type=float, default=0.5, help="fraction of scenes with the naming prior (0 = off)")
+    parser.add_argument("--same-photo", type=float, default=0.5,
+                        help="naming prior: fraction of its tokens taken from the scene itself (the rest from another "
+                             "photo of the object, so that the token binds by appearance, not position)")
     parser.add_argument("--llava-vision-steps", type=int, default=2500)
     parser.add_argument("--llava-language-steps", type=int, default=2500)
     parser.add_argument("--skip-clip", action="store_true")
     parser.add_argument("--skip-blip2", action="store_true")
-    parser.add_argument("--llava", action="store_true", help="also pretrain the tiny LLaVA (experimental, untested)")
+    parser.add_argument("--llava", action="store_true", help="also pretrain the tiny LLaVA")
     return parser.parse_args()
 
 
@@ -86,7 +94,7 @@ def pretrain_blip2(args, data, held_out, report: dict) -> None:
         ("vision", args.vision_steps, vision),
         ("language", args.language_steps,
          lambda cfg: train_language(model, processor, data, cfg, heads.get("vision"), args.vision_lr_scale,
-                                     args.naming)),
+                                     args.naming, same_photo=args.same_photo)),
     ))
     save(model, processor, args.out / "blip2")
     t = time.perf_counter()
@@ -99,13 +107,17 @@ def pretrain_clip(args, report: dict) -> None:
     from safetensors.torch import save_file
 
     t = time.perf_counter()
+    objectives = ClipObjectives(**{k: json.loads(v) for k, v in (pair.split("=", 1) for pair in args.clip_set)})
     clip_data = make_data(args.n_train // 3, args.seed + 1, details=0.3)
-    pairs = object_pairs(args.n_train // 3, args.seed + 3)
-    clip, losses = train_clip(clip_data, StageConfig(steps=args.clip_steps, batch_size=128, seed=args.seed), pairs)
+    pairs = object_pairs(args.n_train // 3, args.seed + 3, look_alikes=objectives.look_alikes > 0)
+    clip, losses = train_clip(clip_data, StageConfig(steps=args.clip_steps, batch_size=128, seed=args.seed), pairs,
+                              objectives, pooling=args.clip_pool)
     save_file({k: v.half().contiguous() for k, v in clip.state_dict().items() if k.startswith("visual.")},
-              str(args.out / "clip.safetensors"))
+              str(args.out / "clip.safetensors"),
+              metadata={"pool_type": args.clip_pool} if args.clip_pool != "tok" else None)  # none = class token
     report["seconds"]["clip"] = round(time.perf_counter() - t, 1)
     report["clip_loss"] = curve(losses)
+    report["clip_objectives"] = {**asdict(objectives), "pool": args.clip_pool}
 
 
 def pretrain_llava(args, data, held_out, report: dict) -> None:
@@ -121,7 +133,7 @@ def pretrain_llava(args, data, held_out, report: dict) -> None:
     run_stages(args, report, (
         ("llava_vision", args.llava_vision_steps, vision),
         ("llava_language", args.llava_language_steps,
-         lambda cfg: train_llava_language(model, processor, data, cfg, args.naming)),
+         lambda cfg: train_llava_language(model, processor, data, cfg, args.naming, args.same_photo)),
     ))
     save(model, processor, args.out / "llava")
     t = time.perf_counter()

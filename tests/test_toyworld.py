@@ -106,6 +106,43 @@ def test_object_labels_and_second_photos():
         assert not np.array_equal(data.other_pixels[i], data.pixels[i])
 
 
+def test_look_alike_photos_swap_only_the_shared_object():
+    """The CLIP stage's third view: the anchor photo with its shared object replaced by one of the same
+    category that differs in colours, pattern or detail; everything else in the scene is kept."""
+    from myvlm.toyworld.pretrain import object_pairs
+
+    anchor, other, swapped = object_pairs(8, seed=5, look_alikes=True)
+    for a, b, c in zip(anchor.scenes, other.scenes, swapped.scenes):
+        shared = [k for k, o in enumerate(a.objects) if o.concept == "pair"]
+        assert len(shared) == 1 and any(o.appearance == a.objects[shared[0]].appearance for o in b.objects)
+        k = shared[0]
+        assert c.background == a.background and c.seed == a.seed and len(c.objects) == len(a.objects)
+        assert c.objects[k].appearance.category == a.objects[k].appearance.category
+        assert c.objects[k].appearance != a.objects[k].appearance and c.objects[k].name is None
+        assert all(c.objects[j] == a.objects[j] for j in range(len(a.objects)) if j != k)
+
+
+def test_experimental_clip_objectives_train_and_reload_with_their_pooling(tmp_path):
+    """Every CLIP objective runs; a CLIP saved with mean pooling is rebuilt with it by the head's extractor."""
+    from safetensors.torch import save_file
+
+    from myvlm.toyworld.models import toyworld_clip
+    from myvlm.toyworld.pretrain import ClipObjectives, StageConfig, object_pairs, train_clip
+
+    data, pairs = make_data(16, seed=1, details=0.5), object_pairs(16, seed=2, look_alikes=True)
+    objectives = ClipObjectives(conjunctions=True, objects=1.0, look_alikes=1.0)
+    clip, losses = train_clip(data, StageConfig(steps=2, batch_size=8), pairs, objectives, pooling="avg")
+    assert len(losses) == 2 and all(np.isfinite(losses))
+    path = tmp_path / "clip.safetensors"
+    save_file({k: v.contiguous() for k, v in clip.state_dict().items() if k.startswith("visual.")}, str(path),
+              metadata={"pool_type": "avg"})
+    extractor = toyworld_clip(str(path))
+    assert extractor.model.pool_type == "avg"
+    images = [im for im, _ in concept_photos(CONCEPTS[0], "val", 2)]
+    expected = clip.encode_image(torch.stack([extractor.preprocess(im) for im in images]))  # (2, D)
+    assert torch.allclose(extractor(images), expected, atol=1e-5)
+
+
 # ---- the shipped pretrained models ----------------------------------------------------------------
 
 
@@ -154,6 +191,18 @@ def test_personalization_recalls_the_concept(toy_backbone, tmp_path):
     loaded = load_concept(tmp_path / "toy")
     images = [im for im, _ in sets["positive"][:3] + sets["hard_negative"][:3]]
     assert torch.allclose(loaded.head.score(images), trained.head.score(images))
+
+
+def test_head_alone_fires_on_the_concept_more_than_on_other_scenes():
+    """``bench_toyworld.py --head-only``: the toy-world probe fitted on 4 photos, scored on unseen ones."""
+    _shipped()
+    from myvlm.toyworld.bench import BenchConfig, head_only
+
+    rates = head_only(CONCEPTS[11], BenchConfig(eval_pool="val", eval_positives=10, eval_negatives=10))
+    assert set(rates) == {"positive_head", "hard_negative_head", "unrelated_head"}
+    # measured: 4/10 positives, 1/10 look-alikes, 0/10 other scenes (57% / 15% / 9% over 12 concepts x 20)
+    assert rates["positive_head"] >= 0.3 and rates["unrelated_head"] <= 0.1, rates
+    assert rates["positive_head"] > max(rates["hard_negative_head"], rates["unrelated_head"]), rates
 
 
 @pytest.fixture(scope="module")

@@ -48,6 +48,7 @@ class BenchConfig:
     eval_pool: str = "test"  # "val" while choosing settings, "test" for reported numbers
     probe: dict[str, Any] = field(default_factory=dict)  # ClipProbeHead keyword overrides
     head: Optional[str] = None  # None = clip_probe on the toy-world CLIP; a registry name (e.g. "always_on")
+    clip: Optional[str] = None  # toy-world CLIP checkpoint for the clip_probe (None = the shipped one)
     task: str = "caption"  # "vqa": train on captions and questions about the concept, and score answers too
 
 
@@ -93,13 +94,24 @@ def head_negatives(concept: PersonalConcept, n: int) -> list:
             + [im for im, _ in unrelated_photos(concept, "head_negatives", n - half)])
 
 
-def toy_head(probe: Optional[dict[str, Any]] = None, head: Optional[str] = None):
+def toy_head(probe: Optional[dict[str, Any]] = None, head: Optional[str] = None, clip: Optional[str] = None):
     from myvlm.heads import build_head
     from myvlm.toyworld.models import toyworld_clip_spec
 
     if head is not None:
         return build_head(head)
-    return build_head("clip_probe", feature_extractor=toyworld_clip_spec(), **(probe or TOY_PROBE))
+    return build_head("clip_probe", feature_extractor=toyworld_clip_spec(clip), **(probe or TOY_PROBE))
+
+
+def head_only(concept: PersonalConcept, cfg: BenchConfig, positives: int = TRAIN_PHOTOS,
+              start: int = 0) -> dict[str, float]:
+    """The head alone, no VLM: fitted on ``positives`` training photos (from ``start``) against the head
+    negatives, then the fraction of unseen positives / hard negatives / unrelated scenes it fires on."""
+    head = toy_head(cfg.probe, cfg.head, cfg.clip)
+    head.fit([im for im, _ in concept_photos(concept, "train", positives, start=start)],
+             head_negatives(concept, cfg.head_negatives))
+    return {f"{role}_head": _rate([d.fired for d in head.detect([im for im, _ in items])])
+            for role, items in evaluation_sets(concept, cfg).items()}
 
 
 def personalize_concept(backbone, concept: PersonalConcept, split: int, cfg: BenchConfig, progress: bool = False):
@@ -111,7 +123,8 @@ def personalize_concept(backbone, concept: PersonalConcept, split: int, cfg: Ben
     return personalize(
         [im for im, _ in photos], concept.name, identifier=concept.identifier,
         captions=[[target_caption(scene)] for _, scene in photos], class_word=concept.class_word,
-        backbone=backbone, negatives=head_negatives(concept, cfg.head_negatives), head=toy_head(cfg.probe, cfg.head),
+        backbone=backbone, negatives=head_negatives(concept, cfg.head_negatives),
+        head=toy_head(cfg.probe, cfg.head, cfg.clip),
         train={"checkpoint_every": 0, **cfg.train}, progress=progress, task=cfg.task, questions=questions,
     )
 

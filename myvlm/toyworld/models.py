@@ -121,6 +121,13 @@ CLIP_CONFIG: dict[str, Any] = {
 }
 
 
+def clip_config(pool: str = "tok") -> dict[str, Any]:
+    """CLIP_CONFIG with the image pooling ``pool``: "tok" (class token, the shipped CLIP) or "avg"."""
+    if pool not in ("tok", "avg"):
+        raise ValueError(f"unknown CLIP pooling {pool!r}; use 'tok' or 'avg'")
+    return {**CLIP_CONFIG, "vision_cfg": {**CLIP_CONFIG["vision_cfg"], "pool_type": pool}}
+
+
 def clip_text_ids(texts: list[str]) -> torch.Tensor:
     """Word-level ids for the CLIP text tower: 0 = pad, last = end (open_clip pools the argmax id)."""
     index = {w: i + 1 for i, w in enumerate(WORDS)}
@@ -136,12 +143,15 @@ def clip_text_ids(texts: list[str]) -> torch.Tensor:
 @register_extractor("toyworld_clip")
 def toyworld_clip(checkpoint: Optional[str] = None, batch_size: int = 64, **runtime: Any) -> OpenClipFeatures:
     """The toy world's pretrained tiny open_clip image encoder (``checkpoint`` None = the shipped one)."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     path = Path(checkpoint) if checkpoint else CLIP_FILE
     if not path.is_file():
         raise FileNotFoundError(f"no toy-world CLIP checkpoint at {path}; run scripts/pretrain_toyworld.py")
-    extractor = OpenClipFeatures(model_cfg=CLIP_CONFIG, pretrained=None, batch_size=batch_size, **runtime)
+    with safe_open(str(path), "pt") as f:
+        pool = (f.metadata() or {}).get("pool_type", "tok")  # written by scripts/pretrain_toyworld.py
+    extractor = OpenClipFeatures(model_cfg=clip_config(pool), pretrained=None, batch_size=batch_size, **runtime)
     state = load_file(str(path))
     extractor.model.load_state_dict({k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")})
     extractor.model.to(extractor.device, extractor.dtype).eval()
@@ -150,8 +160,9 @@ def toyworld_clip(checkpoint: Optional[str] = None, batch_size: int = 64, **runt
     return extractor
 
 
-def toyworld_clip_spec() -> dict[str, Any]:
-    return {"type": "toyworld_clip"}
+def toyworld_clip_spec(checkpoint: Optional[str] = None) -> dict[str, Any]:
+    """The feature-extractor spec of the toy-world CLIP (``checkpoint`` None = the shipped one)."""
+    return {"type": "toyworld_clip", **({"checkpoint": str(checkpoint)} if checkpoint else {})}
 
 
 def toyworld_blip2() -> Path:
@@ -176,7 +187,7 @@ class PixelNormaliser:
 
 __all__ = ["Blip2Sizes", "LlavaSizes", "new_blip2", "new_llava", "build_tokenizer", "toyworld_blip2", "toyworld_llava",
            "toyworld_clip", "toyworld_clip_spec",
-           "CLIP_CONFIG", "clip_text_ids", "PixelNormaliser"]
+           "CLIP_CONFIG", "clip_config", "clip_text_ids", "PixelNormaliser"]
 
 
 # ---- the tiny LLaVA --------------------------------------------------------------------------

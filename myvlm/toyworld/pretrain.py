@@ -343,13 +343,13 @@ class NamingPrior(nn.Module):
 
 def train_language(model, processor, data: WorldData, cfg: StageConfig, heads: Optional[ObjectHeads] = None,
                    vision_lr_scale: float = 0.0, naming: float = 0.0,
-                   evaluate: Optional[Callable[[], str]] = None) -> list[float]:
+                   evaluate: Optional[Callable[[], str]] = None, same_photo: float = 0.5) -> list[float]:
     """Queries, Q-Former, projection and OPT learn to caption; with ``vision_lr_scale`` > 0 the ViT is tuned
     too (at that fraction of the learning rate), its object objective (``heads``) kept as an auxiliary loss;
     ``naming`` > 0 adds the NamingPrior to that fraction of the scenes that have a second photo."""
     trainable = [model.query_tokens, *model.qformer.parameters(), *model.language_projection.parameters(),
                  *model.language_model.parameters()]
-    prior = NamingPrior(model.config.vision_config.hidden_size, naming, cfg.seed) if naming > 0 else None
+    prior = NamingPrior(model.config.vision_config.hidden_size, naming, cfg.seed, same_photo) if naming > 0 else None
     groups = [{"params": trainable + (list(prior.parameters()) if prior else [])}]
     handle = model.qformer.register_forward_pre_hook(prior.hook, with_kwargs=True) if prior else None
     tune_vision = vision_lr_scale > 0 and heads is not None
@@ -419,13 +419,33 @@ def alt_text(scene: Scene) -> str:
     return " ".join(words + [scene.background])
 
 
-def object_pairs(n: int, seed: int) -> tuple[WorldData, WorldData]:
+def look_alike(look: Appearance, rng: np.random.Generator) -> Appearance:
+    """Another object of the same category that differs in one respect: colour(s), pattern or detail."""
+    colours = list(PATTERN_COLOURS)
+    while True:
+        mode = int(rng.integers(3))
+        if look.pattern is None:
+            other = Appearance(look.category, list(COLOURS)[int(rng.integers(len(COLOURS)))])
+        elif mode == 0:
+            fill, second = (str(x) for x in rng.choice(colours, size=2, replace=False))
+            other = replace(look, fill=fill, second=second)
+        elif mode == 1:
+            other = replace(look, pattern=PATTERNS[int(rng.integers(len(PATTERNS)))])
+        else:
+            detail = None if rng.random() < 0.3 else DETAILS[int(rng.integers(2))]
+            other = replace(look, detail=detail, detail_colour=str(rng.choice(colours)) if detail else None)
+        if other.key() != look.key() and other.key() not in CONCEPT_KEYS:
+            return other
+
+
+def object_pairs(n: int, seed: int, look_alikes: bool = False) -> tuple[WorldData, ...]:
     """``n`` pairs of photos sharing one object (any look, details included, never a personal concept's),
-    with different pose, scale, lighting, background and other objects: what "the same object" means."""
+    with different pose, scale, lighting, background and other objects: what "the same object" means.
+    ``look_alikes``: a third view, the first photo with that object swapped for a look-alike."""
     from myvlm.toyworld.scenes import random_appearance
 
     rng = np.random.default_rng(seed)
-    views: list[list[Scene]] = [[], []]
+    views: list[list[Scene]] = [[], [], []] if look_alikes else [[], []]
     for _ in range(n):
         kind = str(rng.choice(["solid", "patterned", "named"], p=[0.3, 0.5, 0.2]))
         look, name = random_appearance(rng, kind=kind)
@@ -433,16 +453,21 @@ def object_pairs(n: int, seed: int) -> tuple[WorldData, WorldData]:
             detailed = Appearance(look.category, look.fill, look.pattern, look.second, DETAILS[int(rng.integers(2))],
                                   str(rng.choice(list(PATTERN_COLOURS))))
             look = detailed if detailed.key() not in CONCEPT_KEYS else look
-        for view in views:
+        for view in views[:2]:
             view.append(sample_scene(rng, n_objects=int(rng.choice([1, 2, 3], p=[0.4, 0.4, 0.2])),
-                                     kinds=["solid", "patterned", "named"], fixed=[(look, name, None)], pose=35.0,
+                                     kinds=["solid", "patterned", "named"], fixed=[(look, name, "pair")], pose=35.0,
                                      scale_jitter=0.15, lighting=(0.75, 1.25), fixed_sizes=("medium", "large")))
+        if look_alikes:
+            first = views[0][-1]
+            swapped = [replace(o, appearance=look_alike(look, rng), name=None) if o.concept == "pair" else o
+                       for o in first.objects]
+            views[2].append(replace(first, objects=swapped))
     out = []
     for scenes in views:
         pixels = np.stack([np.asarray(render(s)) for s in scenes])
         out.append(WorldData(pixels, [caption(s) for s in scenes], np.zeros((n, 1, 1), np.float32),
                              np.zeros((n, 1, 1), np.int64), scenes))
-    return out[0], out[1]
+    return tuple(out)
 
 
 INVENTORY = ([("look", c, v) for c in CATEGORIES for v in LOOKS]
@@ -450,50 +475,119 @@ INVENTORY = ([("look", c, v) for c in CATEGORIES for v in LOOKS]
              + [("second", c, v) for c in CATEGORIES for v in PATTERN_COLOURS]
              + [("detail", c, v) for c in CATEGORIES for v in DETAILS])
 INVENTORY_INDEX = {unit: i for i, unit in enumerate(INVENTORY)}
+# Every appearance without its detail: solid (category, colour) or patterned (category, fill, pattern, second).
+APPEARANCES = ([(c, v, None, None) for c in CATEGORIES for v in COLOURS]
+               + [(c, a, p, b) for c in CATEGORIES for p in PATTERNS for a in PATTERN_COLOURS for b in PATTERN_COLOURS
+                  if a != b])
+APPEARANCE_INDEX = {unit: i for i, unit in enumerate(APPEARANCES)}
 
 
-def inventory(scene: Scene) -> np.ndarray:
+def appearance_id(appearance: Appearance) -> int:
+    a = appearance
+    return APPEARANCE_INDEX[(a.category, a.fill, a.pattern, a.second)]
+
+
+def inventory(scene: Scene, conjunctions: bool = False) -> np.ndarray:
     """Multi-hot over (category, look / pattern colour / detail) pairs: which kinds of object the scene holds.
-    Pairs, not single words, so that "a checkered circle" and "a circle and a checkered square" differ."""
-    out = np.zeros(len(INVENTORY), np.float32)
+    Pairs, not single words, so that "a checkered circle" and "a circle and a checkered square" differ.
+    ``conjunctions``: also one unit per whole appearance (``APPEARANCES``), appended."""
+    out = np.zeros(len(INVENTORY) + (len(APPEARANCES) if conjunctions else 0), np.float32)
     for obj in scene.objects:
         a = obj.appearance
         units = [("look", a.category, a.pattern or a.fill)]
         units += [("fill", a.category, a.fill), ("second", a.category, a.second)] if a.pattern else []
         units += [("detail", a.category, a.detail)] if a.detail else []
         out[[INVENTORY_INDEX[u] for u in units]] = 1.0
+        if conjunctions:
+            out[len(INVENTORY) + appearance_id(a)] = 1.0
     return out
 
 
-def train_clip(data: WorldData, cfg: StageConfig, pairs: Optional[tuple[WorldData, WorldData]] = None):
+def object_appearances(data: WorldData) -> torch.Tensor:
+    """(N, MAX_OBJECTS, 2): each object's ``appearance_id`` and detail (0 none, 1 + DETAILS index); -1 absent."""
+    out = np.full((len(data.scenes), MAX_OBJECTS, 2), -1, np.int64)
+    for i, scene in enumerate(data.scenes):
+        for k, obj in enumerate(scene.objects):
+            a = obj.appearance
+            out[i, k] = (appearance_id(a), DETAILS.index(a.detail) + 1 if a.detail else 0)
+    return torch.from_numpy(out)
+
+
+class ObjectAppearance(nn.Module):
+    """Object-level read-outs for the CLIP's patch tokens: the whole appearance and the detail of each object."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.appearance = nn.Linear(width, len(APPEARANCES))
+        self.detail = nn.Linear(width, len(DETAILS) + 1)
+
+    def loss(self, tokens: torch.Tensor, cover: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        pooled = pool(tokens, cover)  # (B, K, D)
+        present = labels[..., 0] >= 0
+        return (F.cross_entropy(self.appearance(pooled[present]), labels[..., 0][present])
+                + F.cross_entropy(self.detail(pooled[present]), labels[..., 1][present]))
+
+
+@dataclass
+class ClipObjectives:
+    """Weights of the CLIP stage's losses (0 = off)."""
+
+    text: float = 1.0  # contrastive (image, full description)
+    inventory: float = 10.0  # multi-label read-out of the embedding: which kinds of object are in the image
+    conjunctions: bool = False  # the inventory also names whole appearances (category, fill, pattern, second)
+    pairs: float = 1.0  # InfoNCE between two photos of the same object
+    objects: float = 0.0  # object-level read-out of the patch tokens (``ObjectAppearance``)
+    look_alikes: float = 0.0  # the pairs' InfoNCE also against the anchor photo with the object swapped for a look-alike
+
+
+def train_clip(data: WorldData, cfg: StageConfig, pairs: Optional[tuple[WorldData, ...]] = None,
+               objectives: Optional[ClipObjectives] = None, pooling: str = "tok"):
     """CLIP loss on (image, full description), a multi-label read-out of the image embedding (``inventory``:
     what kinds of object are in the image) and, with ``pairs``, an InfoNCE loss between two photos of the
-    same object (instance discrimination: the invariance a personalization head needs)."""
+    same object (instance discrimination: the invariance a personalization head needs). ``objectives``
+    weighs these and the experimental ones; ``pooling``: "tok" (class token) or "avg" (mean patch token)."""
     import open_clip
-    from myvlm.toyworld.models import CLIP_CONFIG
+    from myvlm.toyworld.models import clip_config
 
+    w = objectives or ClipObjectives()
     torch.manual_seed(cfg.seed)
-    clip = open_clip.CLIP(**CLIP_CONFIG).train()
+    clip = open_clip.CLIP(**clip_config(pooling)).train()
+    clip.visual.output_tokens = True
     texts = clip_text_ids([alt_text(s) for s in data.scenes])  # (N, L)
-    labels = torch.from_numpy(np.stack([inventory(s) for s in data.scenes]))  # (N, units)
-    readout = nn.Linear(CLIP_CONFIG["embed_dim"], len(INVENTORY))
+    labels = torch.from_numpy(np.stack([inventory(s, w.conjunctions) for s in data.scenes]))  # (N, units)
+    readout = nn.Linear(clip.visual.output_dim, labels.shape[1])
+    objects = ObjectAppearance(clip.visual.transformer.width)
+    appearances, cover = object_appearances(data), torch.from_numpy(data.cover)
     norm = PixelNormaliser()
     loss = open_clip.ClipLoss()
     n = len(data.captions) if pairs is None else min(len(data.captions), len(pairs[0].captions))
 
+    def embed(pixels: np.ndarray) -> torch.Tensor:
+        return F.normalize(clip.visual(norm(pixels))[0], dim=-1)
+
     def loss_fn(idx: np.ndarray) -> torch.Tensor:
-        embedding = clip.encode_image(norm(data.pixels[idx]))
+        embedding, tokens = clip.visual(norm(data.pixels[idx]))
         image = F.normalize(embedding, dim=-1)
-        text = F.normalize(clip.encode_text(texts[idx]), dim=-1)
-        total = loss(image, text, clip.logit_scale.exp())
-        total = total + 10 * F.binary_cross_entropy_with_logits(readout(image), labels[idx])
-        if pairs is not None:
-            a = F.normalize(clip.encode_image(norm(pairs[0].pixels[idx])), dim=-1)  # (B, E)
-            b = F.normalize(clip.encode_image(norm(pairs[1].pixels[idx])), dim=-1)
-            total = total + loss(a, b, clip.logit_scale.exp())
+        total = image.new_zeros(())
+        if w.text:
+            text = F.normalize(clip.encode_text(texts[idx]), dim=-1)
+            total = w.text * loss(image, text, clip.logit_scale.exp())
+        total = total + w.inventory * F.binary_cross_entropy_with_logits(readout(image), labels[idx])
+        if w.objects:
+            total = total + w.objects * objects.loss(tokens, cover[idx], appearances[idx])
+        if pairs is not None and w.pairs:
+            a, b = embed(pairs[0].pixels[idx]), embed(pairs[1].pixels[idx])  # (B, E) each
+            total = total + w.pairs * loss(a, b, clip.logit_scale.exp())
+            if w.look_alikes and len(pairs) > 2:
+                c = embed(pairs[2].pixels[idx])  # (B, E): the anchor's scene, the object swapped for a look-alike
+                scale = clip.logit_scale.exp()
+                logits = torch.cat([a @ b.T, (a * c).sum(-1, keepdim=True)], dim=1) * scale  # (B, B+1)
+                total = total + w.look_alikes * F.cross_entropy(logits, torch.arange(len(idx)))
         return total
 
-    losses = run_stage(list(clip.parameters()) + list(readout.parameters()), loss_fn, n, cfg, "clip")
+    params = list(clip.parameters()) + list(readout.parameters()) + list(objects.parameters())
+    losses = run_stage(params, loss_fn, n, cfg, "clip")
+    clip.visual.output_tokens = False
     return clip.eval().requires_grad_(False), losses
 
 
@@ -572,7 +666,8 @@ class PriorInjector(ConceptInjector):
         return self.prior.tokens(image_tokens)[:, None] * mask[..., None], mask
 
 
-def train_llava_language(model, processor, data: WorldData, cfg: StageConfig, naming: float = 0.0) -> list[float]:
+def train_llava_language(model, processor, data: WorldData, cfg: StageConfig, naming: float = 0.0,
+                         same_photo: float = 0.5) -> list[float]:
     """Projector + Llama learn captions and answers through the backbone's own batch builder; ``naming`` > 0
     adds the NamingPrior, its token inserted by the backbone's concept slots at the projector input."""
     from PIL import Image
@@ -581,7 +676,7 @@ def train_llava_language(model, processor, data: WorldData, cfg: StageConfig, na
     from myvlm.config import BackboneConfig
 
     backbone = LlavaBackbone(model, processor, BackboneConfig("toyworld-llava", device="cpu", dtype="float32"))
-    prior = NamingPrior(backbone.concept_dim, naming, cfg.seed)
+    prior = NamingPrior(backbone.concept_dim, naming, cfg.seed, same_photo)
     trainable = [*model.model.multi_modal_projector.parameters(), *model.model.language_model.parameters(),
                  *model.lm_head.parameters()]
     for p in trainable:
