@@ -550,6 +550,8 @@ def train_clip(data: WorldData, cfg: StageConfig, pairs: Optional[tuple[WorldDat
     from myvlm.toyworld.models import clip_config
 
     w = objectives or ClipObjectives()
+    if w.look_alikes and (pairs is None or len(pairs) < 3):
+        raise ValueError("the look_alikes objective needs the third view: object_pairs(..., look_alikes=True)")
     torch.manual_seed(cfg.seed)
     clip = open_clip.CLIP(**clip_config(pooling)).train()
     clip.visual.output_tokens = True
@@ -578,7 +580,7 @@ def train_clip(data: WorldData, cfg: StageConfig, pairs: Optional[tuple[WorldDat
         if pairs is not None and w.pairs:
             a, b = embed(pairs[0].pixels[idx]), embed(pairs[1].pixels[idx])  # (B, E) each
             total = total + w.pairs * loss(a, b, clip.logit_scale.exp())
-            if w.look_alikes and len(pairs) > 2:
+            if w.look_alikes:
                 c = embed(pairs[2].pixels[idx])  # (B, E): the anchor's scene, the object swapped for a look-alike
                 scale = clip.logit_scale.exp()
                 logits = torch.cat([a @ b.T, (a * c).sum(-1, keepdim=True)], dim=1) * scale  # (B, B+1)
