@@ -36,7 +36,6 @@ from myvlm.config import CONCEPT_FILE
 logger = logging.getLogger(__name__)
 
 
-
 def flag_overrides(args: argparse.Namespace) -> list[str]:
     out = []
     simple = {"library": "library", "backbone": "backbone.name_or_path", "device": "backbone.device",

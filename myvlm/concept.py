@@ -36,7 +36,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-FORMAT = CONCEPT_FORMAT
 FORMAT_VERSION = 1
 KINDS = ("object", "person")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -85,7 +84,7 @@ class Concept:
 
     def metadata(self) -> dict[str, Any]:
         return {
-            "format": FORMAT,
+            "format": CONCEPT_FORMAT,
             "format_version": FORMAT_VERSION,
             "myvlm_version": _version(),
             "name": self.name,
@@ -128,7 +127,7 @@ class Concept:
         staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
         try:
             (staging / CONCEPT_FILE).write_text(json.dumps(self.metadata(), indent=2) + "\n")
-            tensor_meta = {"format": FORMAT, "name": self.name}
+            tensor_meta = {"format": CONCEPT_FORMAT, "name": self.name}
             save_file({"embedding": self.embedding.detach().float().cpu().contiguous()},
                       staging / EMBEDDING_FILE, metadata=tensor_meta)
             head_state = self.head.state_dict() if self.head is not None else {}
@@ -169,7 +168,7 @@ def load_concept(folder: Union[str, Path], **head_runtime: Any) -> Concept:
         meta = json.loads(config_path.read_text())
     except json.JSONDecodeError as error:
         raise ConceptError(f"{config_path} is not valid JSON ({error})") from error
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+    if not isinstance(meta, dict) or meta.get("format") != CONCEPT_FORMAT:
         found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
         raise ConceptError(f"{config_path} is not a myvlm concept (format {found!r})")
     missing = [key for key in ("name", "identifier", "kind", "dim", "backbone") if key not in meta]

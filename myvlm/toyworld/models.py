@@ -144,16 +144,15 @@ def clip_text_ids(texts: list[str]) -> torch.Tensor:
 def toyworld_clip(checkpoint: Optional[str] = None, batch_size: int = 64, **runtime: Any) -> OpenClipFeatures:
     """The toy world's pretrained tiny open_clip image encoder (``checkpoint`` None = the shipped one)."""
     from safetensors import safe_open
-    from safetensors.torch import load_file
 
     path = Path(checkpoint) if checkpoint else CLIP_FILE
     if not path.is_file():
         raise FileNotFoundError(f"no toy-world CLIP checkpoint at {path}; run scripts/pretrain_toyworld.py")
     with safe_open(str(path), "pt") as f:
         pool = (f.metadata() or {}).get("pool_type", "tok")  # written by scripts/pretrain_toyworld.py
+        state = {k[len("visual."):]: f.get_tensor(k) for k in f.keys() if k.startswith("visual.")}
     extractor = OpenClipFeatures(model_cfg=clip_config(pool), pretrained=None, batch_size=batch_size, **runtime)
-    state = load_file(str(path))
-    extractor.model.load_state_dict({k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")})
+    extractor.model.load_state_dict(state)
     extractor.model.to(extractor.device, extractor.dtype).eval()
     extractor.name = "open_clip:toyworld"
     extractor.describe = lambda: {"type": "toyworld_clip", "checkpoint": checkpoint}  # type: ignore[method-assign]

@@ -179,33 +179,36 @@ def pool(patches: torch.Tensor, cover: torch.Tensor) -> torch.Tensor:
 
 
 class ObjectHeads(nn.Module):
-    """Linear read-outs of the ViT: every OBJECT_FIELD from the mean of the object's patch tokens.
+    """Linear read-outs of the ViT: every field (default OBJECT_FIELDS) from the mean of the object's patch tokens.
 
     Object-level, measured against the alternatives: with a patch-level objective (every patch names what
     covers it) shapes stayed at chance (35%) after 750 steps, as most patches see an edge or plain fill;
     pooled over the object, 16-px patches reach 72% after 1000 of 2000 steps, 8-px ones 51% at 3x the cost.
     """
 
-    def __init__(self, width: int):
+    def __init__(self, width: int, fields: Optional[dict[str, int]] = None):
         super().__init__()
-        self.objects = nn.ModuleDict({k: nn.Linear(width, n) for k, n in OBJECT_FIELDS.items()})
+        fields = OBJECT_FIELDS if fields is None else fields  # label name -> number of classes
+        self.objects = nn.ModuleDict({k: nn.Linear(width, n) for k, n in fields.items()})
 
-    def logits(self, tokens: torch.Tensor, cover: torch.Tensor) -> dict[str, torch.Tensor]:
-        pooled = pool(tokens[:, 1:], cover)  # (B, K, D)
+    def logits(self, patches: torch.Tensor, cover: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``patches``: (B, N, D) patch tokens (no class token); ``cover``: (B, K, N)."""
+        pooled = pool(patches, cover)  # (B, K, D)
         return {k: head(pooled) for k, head in self.objects.items()}
 
-    def loss(self, tokens: torch.Tensor, cover: torch.Tensor, objects: torch.Tensor) -> torch.Tensor:
-        total = tokens.new_zeros(())
-        for j, logits in enumerate(self.logits(tokens, cover).values()):
+    def loss(self, patches: torch.Tensor, cover: torch.Tensor, objects: torch.Tensor) -> torch.Tensor:
+        """``objects``: (B, K, fields) labels, -1 where absent / not applicable."""
+        total = patches.new_zeros(())
+        for j, logits in enumerate(self.logits(patches, cover).values()):
             labels = objects[..., j]
             if bool((labels >= 0).any()):
                 total = total + F.cross_entropy(logits[labels >= 0], labels[labels >= 0])
         return total
 
     @torch.no_grad()
-    def accuracy(self, tokens: torch.Tensor, cover: torch.Tensor, objects: torch.Tensor) -> dict[str, float]:
+    def accuracy(self, patches: torch.Tensor, cover: torch.Tensor, objects: torch.Tensor) -> dict[str, float]:
         out = {}
-        for j, (k, logits) in enumerate(self.logits(tokens, cover).items()):
+        for j, (k, logits) in enumerate(self.logits(patches, cover).items()):
             labels = objects[..., j]
             out[k] = round((logits.argmax(-1)[labels >= 0] == labels[labels >= 0]).float().mean().item(), 3)
         return out
@@ -226,7 +229,7 @@ def train_vision(vision: nn.Module, data: WorldData, cfg: StageConfig,
 
     def loss_fn(idx: np.ndarray) -> torch.Tensor:
         tokens = vision(pixel_values=norm(data.pixels[idx])).last_hidden_state  # (B, 1+G*G, D)
-        return heads.loss(tokens, *_tensors(data, idx))
+        return heads.loss(tokens[:, 1:], *_tensors(data, idx))
 
     def evaluate() -> str:
         if held_out is None:
@@ -245,7 +248,7 @@ def vision_accuracy(vision: nn.Module, heads: ObjectHeads, data: WorldData) -> d
     vision.eval()
     tokens = vision(pixel_values=PixelNormaliser()(data.pixels)).last_hidden_state
     vision.train(was_training)
-    return heads.accuracy(tokens, *_tensors(data, slice(None)))
+    return heads.accuracy(tokens[:, 1:], *_tensors(data, slice(None)))
 
 
 # ---- stage 2: Q-Former + language model -------------------------------------------------------
@@ -385,7 +388,7 @@ def train_language(model, processor, data: WorldData, cfg: StageConfig, heads: O
                 named_loss.append((per_sample[named].mean().item(), per_sample[~named].mean().item()))
         if tune_vision:
             tokens = out.vision_outputs.last_hidden_state  # (B, 1+G*G, D), the tokens the Q-Former read
-            loss = loss + 0.5 * heads.loss(tokens, *_tensors(data, idx))
+            loss = loss + 0.5 * heads.loss(tokens[:, 1:], *_tensors(data, idx))
         return loss
 
     named_loss: list[tuple[float, float]] = []
@@ -503,29 +506,18 @@ def inventory(scene: Scene, conjunctions: bool = False) -> np.ndarray:
     return out
 
 
+APPEARANCE_FIELDS = {"appearance": len(APPEARANCES), "detail": len(DETAILS) + 1}  # CLIP's object read-out
+
+
 def object_appearances(data: WorldData) -> torch.Tensor:
-    """(N, MAX_OBJECTS, 2): each object's ``appearance_id`` and detail (0 none, 1 + DETAILS index); -1 absent."""
+    """(N, MAX_OBJECTS, 2) APPEARANCE_FIELDS labels: each object's ``appearance_id`` and detail (0 none,
+    1 + DETAILS index); -1 absent."""
     out = np.full((len(data.scenes), MAX_OBJECTS, 2), -1, np.int64)
     for i, scene in enumerate(data.scenes):
         for k, obj in enumerate(scene.objects):
             a = obj.appearance
             out[i, k] = (appearance_id(a), DETAILS.index(a.detail) + 1 if a.detail else 0)
     return torch.from_numpy(out)
-
-
-class ObjectAppearance(nn.Module):
-    """Object-level read-outs for the CLIP's patch tokens: the whole appearance and the detail of each object."""
-
-    def __init__(self, width: int):
-        super().__init__()
-        self.appearance = nn.Linear(width, len(APPEARANCES))
-        self.detail = nn.Linear(width, len(DETAILS) + 1)
-
-    def loss(self, tokens: torch.Tensor, cover: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        pooled = pool(tokens, cover)  # (B, K, D)
-        present = labels[..., 0] >= 0
-        return (F.cross_entropy(self.appearance(pooled[present]), labels[..., 0][present])
-                + F.cross_entropy(self.detail(pooled[present]), labels[..., 1][present]))
 
 
 @dataclass
@@ -536,7 +528,7 @@ class ClipObjectives:
     inventory: float = 10.0  # multi-label read-out of the embedding: which kinds of object are in the image
     conjunctions: bool = False  # the inventory also names whole appearances (category, fill, pattern, second)
     pairs: float = 1.0  # InfoNCE between two photos of the same object
-    objects: float = 0.0  # object-level read-out of the patch tokens (``ObjectAppearance``)
+    objects: float = 0.0  # object-level read-out of the patch tokens (``ObjectHeads`` on APPEARANCE_FIELDS)
     look_alikes: float = 0.0  # the pairs' InfoNCE also against the anchor photo with the object swapped for a look-alike
 
 
@@ -558,7 +550,7 @@ def train_clip(data: WorldData, cfg: StageConfig, pairs: Optional[tuple[WorldDat
     texts = clip_text_ids([alt_text(s) for s in data.scenes])  # (N, L)
     labels = torch.from_numpy(np.stack([inventory(s, w.conjunctions) for s in data.scenes]))  # (N, units)
     readout = nn.Linear(clip.visual.output_dim, labels.shape[1])
-    objects = ObjectAppearance(clip.visual.transformer.width)
+    objects = ObjectHeads(clip.visual.transformer.width, APPEARANCE_FIELDS)
     appearances, cover = object_appearances(data), torch.from_numpy(data.cover)
     norm = PixelNormaliser()
     loss = open_clip.ClipLoss()
