@@ -166,8 +166,9 @@ def test_shipped_blip2_captions_fresh_scenes(toy_backbone):
     from myvlm.toyworld.evaluate import caption_accuracy
 
     summary = caption_accuracy(toy_backbone, n=30, seed=123)["summary"]
-    # measured on 300 fresh scenes: background 95%, count 96%, relation 77%, category 54% (chance 25%)
-    assert summary["background"] >= 0.8 and summary["count"] >= 0.8 and summary["relation"] >= 0.5, summary
+    # measured on 300 fresh scenes: background 95%, count 96%, relation 77%, category 54% (chance 25%);
+    # on these 30: background 97%, count 93%, relation 73%, category 43%
+    assert summary["background"] >= 0.9 and summary["count"] >= 0.8 and summary["relation"] >= 0.6, summary
     assert summary["category"] >= 0.4, summary
 
 
