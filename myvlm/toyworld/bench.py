@@ -131,11 +131,11 @@ def personalize_concept(backbone, concept: PersonalConcept, split: int, cfg: Ben
 
 def answer_accuracy(vlm, concept: PersonalConcept, items: list) -> float:
     """Exact answers to the questions about the concept (its shape; is it in the picture) on its photos."""
+    truths = [dict(concept_questions(scene, concept.identifier)) for _, scene in items]  # question -> answer
     correct = []
-    for question, _ in concept_questions(items[0][1], concept.identifier):
+    for question in truths[0]:
         answers = vlm.ask([im for im, _ in items], question, progress=False)
-        truths = [dict(concept_questions(scene, concept.identifier))[question] for _, scene in items]
-        correct += [a.text.strip().rstrip(".").lower() == t for a, t in zip(answers, truths)]
+        correct += [a.text.strip().rstrip(".").lower() == t[question] for a, t in zip(answers, truths)]
     return _rate(correct)
 
 
