@@ -173,11 +173,12 @@ def test_head_configs_repeat_the_heads_own_defaults():
     """clip_probe.yaml spells out ProbeTraining's defaults, and face.yaml options fit both face backends."""
     import inspect
 
-    from myvlm.heads.clip_probe import DEFAULT_EXTRACTOR, ProbeTraining
+    from myvlm.heads.clip_probe import DEFAULT_EXTRACTOR, ClipProbeHead, ProbeTraining
     from myvlm.heads.face import DlibFaceBackend, FacenetFaceBackend
 
     probe = resolve(compose_train("head=clip_probe"))["head"]
     assert ProbeTraining.from_dict(probe["training"]) == ProbeTraining()
+    assert tuple(probe["crops"]) == inspect.signature(ClipProbeHead).parameters["crops"].default
     assert probe["feature_extractor"] == DEFAULT_EXTRACTOR
     options = resolve(compose_train("head=face"))["head"]["backend_options"]
     for backend in (DlibFaceBackend, FacenetFaceBackend):

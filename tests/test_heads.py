@@ -28,7 +28,9 @@ from myvlm.heads import (
     tiny_clip_features,
 )
 from myvlm.heads.face import Face, FaceBackend, register_face_backend
-from myvlm.heads.features import VIEWS, CallableFeatures, LiteRTFeatures, OpenClipFeatures, ensure_rgb
+from myvlm.heads.features import (
+    VIEWS, CallableFeatures, LiteRTFeatures, OpenClipFeatures, apply_view, crop_grid, crop_view, ensure_rgb,
+)
 from myvlm.heads.negatives import collect_negatives, count_real
 from myvlm.images import ImageError, load_image
 
@@ -182,9 +184,82 @@ def test_huge_images_are_refused_by_name_and_large_ones_work(tmp_path, monkeypat
 
 def test_rotated_views_have_no_empty_corners():
     white = Image.new("RGB", (120, 80), (255, 255, 255))
-    for name, view in VIEWS.items():
-        pixels = np.asarray(view(white))
+    for name in list(VIEWS) + list(ClipProbeHead(grid_colors).training.positive_views):
+        pixels = np.asarray(apply_view(white, name))
         assert pixels.min() >= 250, name
+
+
+def test_crop_views_zoom_into_the_named_square_and_compose():
+    pixels = np.zeros((64, 64, 3), np.uint8)
+    pixels[16:32, 32:48] = (255, 0, 0)  # a red square filling the crop at (left 32, top 16, side 16)
+    image = Image.fromarray(pixels)
+    crop = np.asarray(apply_view(image, crop_view(0.25, 0.5, 0.25)))
+    assert crop.shape == (64, 64, 3) and crop[..., 0].min() > 200 and crop[..., 2].max() < 30
+    grid = crop_grid(0.5, 0.25)  # 32 px every 16 px: 3 x 3 crops
+    assert len(grid) == 9 and grid[0] == crop_view(0.5, 0, 0) and grid[-1] == crop_view(0.5, 0.5, 0.5)
+    flipped = apply_view(image, crop_view(0.5, 0.5, 0) + ",flip")  # the square's crop, mirrored
+    flipped = np.asarray(flipped)[..., 0]  # the square was at the crop's bottom left: now bottom right
+    assert flipped[36:, 36:].min() > 200 and flipped[:, :28].max() < 30 and flipped[:28].max() < 30
+    with pytest.raises(ValueError, match="unknown augmentation view 'spin'"):
+        apply_view(image, "flip,spin")
+    with pytest.raises(ValueError, match="bad crop view"):
+        apply_view(image, "crop0.5@x")
+    with pytest.raises(ValueError, match="fractions of the image"):
+        crop_grid(1.5, 0.25)
+
+
+def colour_histogram(image: Image.Image) -> np.ndarray:
+    """A plain callable extractor that ignores where things are: the share of pixels in each of 27 colour bins."""
+    levels = np.asarray(image.convert("RGB"), dtype=np.int64) * 3 // 256  # (H, W, 3) in {0, 1, 2}
+    bins = np.bincount((levels * [9, 3, 1]).sum(-1).ravel(), minlength=27)
+    return (bins / bins.sum()).astype(np.float32)
+
+
+def cluttered(seed: int, concept: tuple, size: int = 96) -> tuple[Image.Image, tuple[int, int]]:
+    """Three 20-px two-colour squares on a noisy gray background, one of them ``concept`` (left half,
+    right half colours), in distinct cells of a 4 x 4 grid; returns the image and the concept's centre.
+    The others are never red, but may be blue or white."""
+    rng = np.random.default_rng(seed)
+    pixels = np.clip(rng.integers(90, 160) + rng.normal(0, 6, (size, size, 3)), 0, 255).astype(np.uint8)
+    cells = rng.choice(16, size=3, replace=False)
+    palette = [(230, 230, 40), (40, 200, 60), (30, 40, 230), (245, 245, 245), (250, 140, 30), (40, 200, 220)]
+    looks = [concept] + [tuple(palette[i] for i in rng.choice(len(palette), 2, replace=False)) for _ in range(2)]
+    centres = []
+    for cell, (left, right) in zip(cells, looks):
+        cx, cy = 24 * (cell % 4) + 12 + int(rng.integers(-2, 3)), 24 * (cell // 4) + 12 + int(rng.integers(-2, 3))
+        pixels[cy - 10 : cy + 10, cx - 10 : cx] = left
+        pixels[cy - 10 : cy + 10, cx : cx + 10] = right
+        centres.append((cx, cy))
+    return Image.fromarray(pixels), centres[0]
+
+
+def test_crops_find_a_small_concept_among_others_and_round_trip():
+    """A red|blue square among other squares (blue and white ones among them); look-alikes are red|white.
+    The whole image's colours cannot tell the two apart; the probe with crops learns which crop of each
+    training photo holds the concept and then tells it from its look-alikes."""
+    mine, look_alike = ((220, 30, 30), (30, 40, 230)), ((220, 30, 30), (245, 245, 245))
+    train = [cluttered(seed, mine) for seed in range(4)]
+    negatives = [cluttered(100 + seed, look_alike)[0] for seed in range(30)]
+    unseen = [cluttered(200 + seed, mine)[0] for seed in range(12)]
+    unseen_look_alikes = [cluttered(300 + seed, look_alike)[0] for seed in range(12)]
+    accuracy = {}
+    for crops in ([], [[0.25, 0.125], [0.5, 0.25]]):
+        head = ClipProbeHead(colour_histogram, crops=crops, training={"lr": 0.1})
+        head.fit([image for image, _ in train], negatives)
+        fired = [d.fired for d in head.detect(unseen + unseen_look_alikes)]
+        accuracy[len(crops)] = (sum(fired[:12]) + 12 - sum(fired[12:])) / 24
+    assert accuracy[2] >= 0.95 and accuracy[0] <= accuracy[2] - 0.15, accuracy
+    assert len(head.regions) == 1 + 49 + 9
+    for region, (_, (cx, cy)) in zip(head.fit_report.regions, train):  # the picked crop shows the concept
+        side, corner = region.split(",")[0][len("crop"):].split("@")
+        left, top = (96 * float(v) for v in corner.split(":"))
+        right, bottom = left + 96 * float(side), top + 96 * float(side)
+        overlap = max(0, min(right, cx + 10) - max(left, cx - 10)) * max(0, min(bottom, cy + 10) - max(top, cy - 10))
+        assert overlap >= 0.25 * 20 * 20, (region, cx, cy)  # a quarter of it at least (the blue half is enough)
+    config = json.loads(json.dumps(head.config()))
+    assert config["crops"] == [[0.25, 0.125], [0.5, 0.25]] and len(config["fit"]["regions"]) == 4
+    loaded = load_head(config, head.state_dict(), feature_extractor=colour_histogram)
+    assert torch.equal(loaded.score(unseen), head.score(unseen))
 
 
 # --- negatives ----------------------------------------------------------------------------------

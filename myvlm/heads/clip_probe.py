@@ -10,6 +10,15 @@ Training: every positive is encoded in a few flipped/rotated views and every neg
 once (features are cached by image content), then one linear layer on L2-normalised features
 is trained with balanced batches, AdamW and a cosine schedule. The steps run on cached
 features, so a refit takes well under a second after the encoder pass.
+
+Small concepts (``crops``): the probe then scores zoomed-in square crops of the image too and fires
+on the best one, so that one object among others is judged on its own pixels rather than through
+the whole image's embedding. Which crop of a training photo shows the concept is not given: it
+starts as the crop most like some crop of every other positive and least like the negatives, and is
+then re-picked by the probe itself for ``mil_rounds`` refits (multiple-instance learning). Every
+crop of every negative is a negative.
+
+    head = build_head("clip_probe", crops=[[0.375, 0.125], [0.5, 0.25]])  # 36 + 9 crops and the image
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ from myvlm.heads.features import (
     DEFAULT_CLIP_MODEL,
     DEFAULT_CLIP_PRETRAINED,
     CachedFeatures,
+    crop_grid,
     ensure_rgb,
     shared_features,
 )
@@ -50,6 +60,7 @@ class ProbeTraining:
     # L2-normalised features are multiplied by this. Chosen by `bench_heads.py --validate` (training-side
     # data only): 1 -> 98% recall / 0.3% FPR, 4 -> 93% / 0.1%, sqrt(D)=32 -> 92% / 0.1% (MobileNet features).
     feature_scale: float = 1.0
+    mil_rounds: int = 2  # with crops: refits that re-pick each positive's best-scoring crop
     seed: int = 0  # sampling and initialisation seed: same data + seed -> same probe
 
     @classmethod
@@ -72,8 +83,9 @@ class FitReport:
     n_positives: int = 0  # positive photos
     n_negatives: int = 0  # negative photos (generic drawn images included)
     train_loss: float = float("nan")  # mean BCE of the last 50 steps
-    min_positive_score: float = float("nan")  # lowest training-positive probability (id view)
-    max_negative_score: float = float("nan")  # highest training-negative probability (id view)
+    min_positive_score: float = float("nan")  # lowest training-positive score (the head's, as in detect)
+    max_negative_score: float = float("nan")  # highest training-negative score
+    regions: list[str] = field(default_factory=list)  # with crops: the view of each positive the probe learned
     notes: list[str] = field(default_factory=list)  # warnings raised while fitting
 
 
@@ -91,9 +103,12 @@ class ClipProbeHead(ConceptHead):
         training: Union[None, ProbeTraining, dict[str, Any]] = None,  # fitting hyperparameters
         device: Union[str, torch.device, None] = None,  # for building the extractor from a spec
         dtype: Optional[torch.dtype] = None,  # idem
+        crops: Sequence[Sequence[float]] = (),  # (side, stride) grids of zoomed-in crops, fractions of the image
     ):
         super().__init__(threshold)
         self.training = training if isinstance(training, ProbeTraining) else ProbeTraining.from_dict(training)
+        self.crops = tuple((float(side), float(stride)) for side, stride in crops)
+        self.regions = ["id"] + [view for side, stride in self.crops for view in crop_grid(side, stride)]
         self._runtime = {k: v for k, v in {"device": device, "dtype": dtype}.items() if v is not None}
         self._extractor: Optional[CachedFeatures] = None
         self._spec: dict[str, Any] = DEFAULT_EXTRACTOR
@@ -134,11 +149,36 @@ class ClipProbeHead(ConceptHead):
             )
             logger.warning(notes[-1])
         cfg = self.training
-        pos = self._encode(ensure_rgb(positives), cfg.positive_views)  # (P*Vp, D)
-        neg = self._encode(ensure_rgb(negatives), cfg.negative_views)  # (N*Vn, D)
-        self.linear, loss = _train_linear(pos, neg, cfg)
+        positives, negatives = ensure_rgb(positives), ensure_rgb(negatives)
+        neg = self._encode(negatives, cfg.negative_views)  # (N*Vn, D)
+        if len(self.regions) > 1:
+            neg = torch.cat([neg, self._encode(negatives, self.regions[1:])])  # + every crop of every negative
+            regions, pos, loss = self._fit_regions(positives, neg)
+        else:
+            regions, pos = [], self._encode(positives, cfg.positive_views)  # (P*Vp, D)
+            self.linear, loss = _train_linear(pos, neg, cfg)
         self.positive_centroid = F.normalize(pos.mean(0), dim=0)  # (D,)
-        self.fit_report = self._report(pos, neg, len(positives), len(negatives), loss, cfg, notes)
+        self.fit_report = self._report(positives, negatives, loss, regions, notes)
+
+    def _fit_regions(self, positives: list[Image.Image], neg: torch.Tensor) -> tuple[list[str], torch.Tensor, float]:
+        """Multiple-instance fit: each positive photo is a bag of regions (the image and its crops), one of
+        which shows the concept. Returns the regions picked last, the positive features and the loss."""
+        cfg = self.training
+        bags = self._normalise(self.feature_extractor.encode_views(positives, self.regions))  # (P, R, D)
+        picks = _common_regions(bags, neg)  # (P,)
+        for round_ in range(cfg.mil_rounds + 1):
+            regions = [self.regions[i] for i in picks.tolist()]
+            pos = torch.cat([  # every positive view of each picked region
+                self._encode([image], [region if view == "id" else f"{region},{view}" for view in cfg.positive_views])
+                for image, region in zip(positives, regions)
+            ])  # (P*Vp, D)
+            self.linear, loss = _train_linear(pos, neg, cfg)
+            repicked = self.linear(bags).squeeze(-1).argmax(1)  # (P,)
+            if round_ == cfg.mil_rounds or torch.equal(repicked, picks):
+                break
+            picks = repicked
+        logger.info("clip_probe regions of the positives: %s", regions)
+        return regions, pos, loss
 
     def _encode(self, images: list[Image.Image], views: Sequence[str]) -> torch.Tensor:
         features = self.feature_extractor.encode_views(images, views)  # (B, V, D)
@@ -147,18 +187,17 @@ class ClipProbeHead(ConceptHead):
     def _normalise(self, features: torch.Tensor) -> torch.Tensor:
         return F.normalize(features, dim=-1) * self.training.feature_scale
 
-    def _report(self, pos, neg, n_pos, n_neg, loss, cfg, notes) -> FitReport:
-        with torch.no_grad():
-            pos_scores = torch.sigmoid(self.linear(pos[:: len(cfg.positive_views)])).squeeze(-1)
-            neg_scores = torch.sigmoid(self.linear(neg[:: len(cfg.negative_views)])).squeeze(-1)
-        report = FitReport(n_pos, n_neg, loss, float(pos_scores.min()), float(neg_scores.max()), notes)
+    def _report(self, positives, negatives, loss, regions, notes) -> FitReport:
+        pos_scores, neg_scores = self.score(positives), self.score(negatives)
+        report = FitReport(len(positives), len(negatives), loss, float(pos_scores.min()), float(neg_scores.max()),
+                           regions, notes)
         if report.min_positive_score < self.threshold:
             report.notes.append(
                 f"a training positive scores {report.min_positive_score:.2f} < threshold {self.threshold}: the "
                 "probe could not separate it; check that every positive shows the concept"
             )
             logger.warning(report.notes[-1])
-        logger.info("fitted clip_probe on %d positives / %d negatives, loss %.4f", n_pos, n_neg, loss)
+        logger.info("fitted clip_probe on %d positives / %d negatives, loss %.4f", len(positives), len(negatives), loss)
         return report
 
     # --- inference ----------------------------------------------------------------------------
@@ -169,13 +208,13 @@ class ClipProbeHead(ConceptHead):
             raise RuntimeError("this clip_probe head is not fitted; call fit(positives, negatives) first")
         if len(images) == 0:
             return torch.zeros(0)
-        features = self._normalise(self.feature_extractor(ensure_rgb(images)))  # (B, D)
+        features = self._normalise(self.feature_extractor.encode_views(ensure_rgb(images), self.regions))  # (B, R, D)
         if features.shape[-1] != self.linear.in_features:
             raise ValueError(
                 f"the feature extractor gives {features.shape[-1]}-d features but this head was trained on "
                 f"{self.linear.in_features}-d features ({self._spec}); load it with the extractor it was trained with"
             )
-        return torch.sigmoid(self.linear(features)).squeeze(-1)  # (B,)
+        return torch.sigmoid(self.linear(features)).squeeze(-1).amax(1)  # (B,): the best region's probability
 
     # --- saving -------------------------------------------------------------------------------
 
@@ -188,6 +227,7 @@ class ClipProbeHead(ConceptHead):
         return {
             "type": self.head_type,
             "threshold": self.threshold,
+            "crops": [list(grid) for grid in self.crops],
             "feature_dim": self.linear.in_features,
             "extractor": self._spec,
             "training": training,
@@ -208,7 +248,8 @@ class ClipProbeHead(ConceptHead):
         """``runtime``: ``feature_extractor`` (else rebuilt from ``config["extractor"]``), ``device``, ``dtype``."""
         extractor = runtime.get("feature_extractor")
         extractor = config["extractor"] if extractor is None else extractor
-        head = cls(extractor, config["threshold"], config.get("training"), runtime.get("device"), runtime.get("dtype"))
+        head = cls(extractor, config["threshold"], config.get("training"), runtime.get("device"), runtime.get("dtype"),
+                   config.get("crops", ()))
         if not isinstance(extractor, dict) and head._spec != config["extractor"]:
             logger.warning("loading a probe trained on %s with extractor %s", config["extractor"], head._spec)
         weight = tensors["weight"].float()
@@ -219,6 +260,17 @@ class ClipProbeHead(ConceptHead):
         head.positive_centroid = tensors.get("positive_centroid")
         head.fit_report = FitReport(**config.get("fit", {}))
         return head
+
+
+def _common_regions(bags: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
+    """For each positive photo (``bags``: (P, R, D) normalised region features), the index of the region
+    most like some region of every other positive photo, minus its likeness to the closest negatives:
+    the object the photos share, not the background they happen to share with other scenes."""
+    best_match = torch.einsum("ikd,jld->ikjl", bags, bags).amax(-1)  # (P, R, P): region k of i vs photo j
+    others = 1 - torch.eye(len(bags))  # (P, P)
+    shared = (best_match * others[:, None]).sum(-1) / others.sum(-1).clamp(min=1)[:, None]  # (P, R)
+    closest = torch.einsum("ikd,nd->ikn", bags, negatives).topk(min(5, len(negatives)), dim=-1).values.mean(-1)
+    return (shared - closest).argmax(1)
 
 
 def _train_linear(pos: torch.Tensor, neg: torch.Tensor, cfg: ProbeTraining) -> tuple[torch.nn.Linear, float]:

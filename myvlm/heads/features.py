@@ -241,9 +241,67 @@ VIEWS: dict[str, Callable[[Image.Image], Image.Image]] = {
     "flip": lambda image: image.transpose(Image.FLIP_LEFT_RIGHT),
     "rot+10": lambda image: _rotate_and_crop(image, 10),
     "rot-10": lambda image: _rotate_and_crop(image, -10),
-    "flip,rot+20": lambda image: _rotate_and_crop(image.transpose(Image.FLIP_LEFT_RIGHT), 20),
-    "flip,rot-20": lambda image: _rotate_and_crop(image.transpose(Image.FLIP_LEFT_RIGHT), -20),
+    "rot+20": lambda image: _rotate_and_crop(image, 20),
+    "rot-20": lambda image: _rotate_and_crop(image, -20),
 }
+
+
+def crop_view(side: float, left: float, top: float) -> str:
+    """The name of a square crop view: side ``side`` x the image's shorter side, its top-left corner at
+    (``left`` x width, ``top`` x height); the crop is resized back to the image's shorter side (zoomed in)."""
+    return f"crop{side:g}@{left:g}:{top:g}"
+
+
+def crop_grid(side: float, stride: float) -> list[str]:
+    """Crop views of side ``side`` every ``stride`` (fractions of the shorter side), covering a square image:
+    (0.375, 0.125) gives 6 x 6 crops of 24 px every 8 px on 64 px."""
+    if not (0 < side <= 1 and 0 < stride <= 1):
+        raise ValueError(f"crop side and stride are fractions of the image in (0, 1], got {side}, {stride}")
+    steps = int(round((1 - side) / stride + 1e-9))
+    return [crop_view(side, x * stride, y * stride) for y in range(steps + 1) for x in range(steps + 1)]
+
+
+def _crop(spec: str) -> Callable[[Image.Image], Image.Image]:
+    try:
+        side, corner = spec[len("crop"):].split("@")
+        side, (left, top) = float(side), (float(v) for v in corner.split(":"))
+    except ValueError:
+        raise ValueError(f"bad crop view {spec!r}; build crop views with crop_view(side, left, top)") from None
+
+    def crop(image: Image.Image) -> Image.Image:
+        width, height = image.size
+        pixels = max(1, round(side * min(width, height)))
+        x, y = min(round(left * width), width - pixels), min(round(top * height), height - pixels)
+        return image.crop((x, y, x + pixels, y + pixels)).resize((min(width, height),) * 2, Image.BICUBIC)
+
+    return crop
+
+
+def _view_steps(view: str) -> list[Callable[[Image.Image], Image.Image]]:
+    steps = []
+    for part in view.split(","):
+        if part in VIEWS:
+            steps.append(VIEWS[part])
+        elif part.startswith("crop") and "@" in part:
+            steps.append(_crop(part))
+        else:
+            raise ValueError(f"unknown augmentation view {part!r} in {view!r}; choose from {list(VIEWS)}, "
+                             "crop views (crop_view) and comma-joined compositions of them")
+    return steps
+
+
+def apply_view(image: Image.Image, view: str) -> Image.Image:
+    """Apply a view: a name in VIEWS, a crop view (``crop_view``) or several joined by commas, applied in
+    order ("flip,rot+20", "crop0.5@0.25:0.25,flip")."""
+    for step in _view_steps(view):
+        image = step(image)
+    return image
+
+
+def check_views(views: Sequence[str]) -> None:
+    """Raise ValueError on the first view ``apply_view`` cannot apply."""
+    for view in views:
+        _view_steps(view)
 
 
 def image_digest(image: Image.Image) -> str:
@@ -278,9 +336,7 @@ class CachedFeatures:
 
     def encode_views(self, images: Sequence[Image.Image], views: Sequence[str]) -> torch.Tensor:
         """Features of every view of every image, ``(B, V, D)``; only unseen pairs are encoded."""
-        unknown = [v for v in views if v not in VIEWS]
-        if unknown:
-            raise ValueError(f"unknown augmentation views {unknown}; choose from {list(VIEWS)}")
+        check_views(views)
         keys = [[(image_digest(image), view) for view in views] for image in images]
         todo: dict[tuple[str, str], tuple[Image.Image, str]] = {}
         for image, row in zip(images, keys):
@@ -291,7 +347,7 @@ class CachedFeatures:
         chunks = range(0, len(pending), self.chunk_size)
         for start in tqdm(chunks, desc=f"encoding {self.name}", unit="chunk", disable=len(chunks) < 4):
             chunk = pending[start : start + self.chunk_size]
-            encoded = self.extractor([VIEWS[view](image) for _, (image, view) in chunk]).float()  # (m, D)
+            encoded = self.extractor([apply_view(image, view) for _, (image, view) in chunk]).float()  # (m, D)
             for (key, _), vector in zip(chunk, encoded):
                 self._cache[key] = vector
         out = torch.stack([torch.stack([self._cache[key] for key in row]) for row in keys])
