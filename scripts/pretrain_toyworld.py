@@ -25,8 +25,8 @@ import torch
 from myvlm.toyworld.evaluate import caption_accuracy, vqa_accuracy
 from myvlm.toyworld.models import CHECKPOINTS, Blip2Sizes, LlavaSizes, new_blip2, new_llava
 from myvlm.toyworld.pretrain import (
-    ClipObjectives, StageConfig, make_data, object_pairs, train_clip, train_language, train_llava_language, train_vision,
-    vision_accuracy,
+    ClipObjectives, StageConfig, make_data, object_crops, object_pairs, train_clip, train_language,
+    train_llava_language, train_vision, vision_accuracy,
 )
 
 logger = logging.getLogger("pretrain_toyworld")
@@ -39,7 +39,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--vision-steps", type=int, default=2500)
     parser.add_argument("--vision-lr", type=float, default=3e-3)
     parser.add_argument("--language-steps", type=int, default=2500)
-    parser.add_argument("--clip-steps", type=int, default=400)
+    parser.add_argument("--clip-steps", type=int, default=800)
+    parser.add_argument("--clip-batch", type=int, default=64)
     parser.add_argument("--clip-set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="CLIP stage objectives (ClipObjectives), e.g. objects=1 conjunctions=true look_alikes=1")
     parser.add_argument("--clip-pool", default="tok", choices=["tok", "avg"],
@@ -109,9 +110,11 @@ def pretrain_clip(args, report: dict) -> None:
     t = time.perf_counter()
     objectives = ClipObjectives(**{k: json.loads(v) for k, v in (pair.split("=", 1) for pair in args.clip_set)})
     clip_data = make_data(args.n_train // 3, args.seed + 1, details=0.3)
-    pairs = object_pairs(args.n_train // 3, args.seed + 3, look_alikes=objectives.look_alikes > 0)
-    clip, losses = train_clip(clip_data, StageConfig(steps=args.clip_steps, batch_size=128, seed=args.seed), pairs,
-                              objectives, pooling=args.clip_pool)
+    third_view = objectives.look_alikes > 0 or objectives.crops > 0  # look-alike photos (and their crops)
+    pairs = object_pairs(args.n_train // 3, args.seed + 3, look_alikes=third_view)
+    crops = object_crops(pairs, args.seed + 4) if objectives.crops else None
+    stage = StageConfig(steps=args.clip_steps, batch_size=args.clip_batch, seed=args.seed)
+    clip, losses = train_clip(clip_data, stage, pairs, objectives, pooling=args.clip_pool, crops=crops)
     save_file({k: v.half().contiguous() for k, v in clip.state_dict().items() if k.startswith("visual.")},
               str(args.out / "clip.safetensors"),
               metadata={"pool_type": args.clip_pool} if args.clip_pool != "tok" else None)  # none = class token
