@@ -88,7 +88,7 @@ def bench_objects(data: Path, encoder: Path, args: argparse.Namespace) -> list[R
             [(own, photos[subject][args.train_photos:])]
         row = Row(subject, len(folds[0][0]), 0, 0, 0, 0)
         for train, held_out in folds:
-            head = ClipProbeHead(extractor, training=args.probe)
+            head = ClipProbeHead(extractor, training=args.probe, crops=args.crops)
             head.fit([im for _, im in train], train_negs)
             _score(row, head.detect([im for _, im in held_out]), head.detect([im for _, im in test_negs]),
                    held_out, test_negs)
@@ -179,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
                              "default -1: the whole half)")
     parser.add_argument("--probe", type=json.loads, default=None,
                         help='probe training options as JSON, e.g. \'{"steps": 1000, "feature_scale": 1}\'')
+    parser.add_argument("--crops", type=json.loads, default=[],
+                        help="objects: also score zoomed-in crops, e.g. '[[0.5, 0.25]]' (ClipProbeHead crops)")
     parser.add_argument("--validate", action="store_true",
                         help="objects: measure on training-side data only (leave-one-out), to choose settings")
     parser.add_argument("--face-detector", choices=["mtcnn", "hog"], default="mtcnn")

@@ -3,8 +3,8 @@
     python scripts/pretrain_toyworld.py                       # writes myvlm/toyworld/checkpoints
     python scripts/pretrain_toyworld.py --out /tmp/tw --vision-steps 100 --language-steps 100 --clip-steps 50
 
-Measured (2 threads, idle 2-core machine): ``--llava`` (all three models) 28.9 min: data 1.5, BLIP-2
-vision 2.7 and language 9.2, CLIP 3.1, LLaVA vision 2.6 and language 9.6; the files were byte-identical
+Measured (2 threads, idle 2-core machine): ``--llava`` (all three models) 28.4 min: data 1.3, BLIP-2
+vision 2.3 and language 8.2, CLIP 4.4, LLaVA vision 2.8 and language 9.4; the files were byte-identical
 to the shipped ones. ``--llava`` adds the tiny LLaVA (its own vision and language stages on the same scenes).
 
 Writes ``<out>/blip2`` (loads with ``myvlm.load_backbone``), ``<out>/clip.safetensors`` and

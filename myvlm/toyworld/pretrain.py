@@ -615,7 +615,8 @@ def train_clip(data: WorldData, cfg: StageConfig, pairs: Optional[tuple[WorldDat
                 logits = torch.cat([a @ b.T, (a * c).sum(-1, keepdim=True)], dim=1) * scale  # (B, B+1)
                 total = total + w.look_alikes * F.cross_entropy(logits, torch.arange(len(idx)))
         if w.crops:
-            total = total + w.crops * _instance_loss(*(embed(view[idx]) for view in crops), scale=clip.logit_scale.exp())
+            views = [embed(view[idx]) for view in crops]  # anchor, other photo (, look-alike): (B, E) each
+            total = total + w.crops * _instance_loss(*views, scale=clip.logit_scale.exp())
         return total
 
     params = list(clip.parameters()) + list(readout.parameters()) + list(objects.parameters())
