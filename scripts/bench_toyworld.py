@@ -35,6 +35,8 @@ def parse_value(text: str):
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbone", default=None, help="model folder (default: the shipped toy-world BLIP-2)")
+    parser.add_argument("--injection", default=None, help="where the concept token joins (backbone default if unset), "
+                        "e.g. projector_output for LLaVA")
     parser.add_argument("--concepts", nargs="*", default=None, help="concept names (default: all)")
     parser.add_argument("--splits", type=int, default=3, help="training-photo splits per concept")
     parser.add_argument("--pool", default="test", choices=["val", "test"])
@@ -93,7 +95,8 @@ def main() -> None:
     if args.head_only:
         bench_heads(cfg, concepts, args.head_positives, args.splits)
         return
-    backbone = load_backbone(BackboneConfig(args.backbone or str(toyworld_blip2()), device="cpu", dtype="float32"))
+    backbone = load_backbone(BackboneConfig(args.backbone or str(toyworld_blip2()), device="cpu", dtype="float32",
+                                             injection=args.injection))
     results, started = [], time.perf_counter()
     keys = list(KEYS) + (["vqa_after", "vqa_base"] if args.task == "vqa" else [])
     print(f"{'concept':<8} {'split':>5} " + " ".join(f"{k[:12]:>12}" for k in keys), flush=True)
