@@ -200,6 +200,10 @@ def test_crop_views_zoom_into_the_named_square_and_compose():
     flipped = apply_view(image, crop_view(0.5, 0.5, 0) + ",flip")  # the square's crop, mirrored
     flipped = np.asarray(flipped)[..., 0]  # the square was at the crop's bottom left: now bottom right
     assert flipped[36:, 36:].min() > 200 and flipped[:, :28].max() < 30 and flipped[:28].max() < 30
+    wide = np.zeros((100, 200, 3), np.uint8)
+    wide[:, 150:] = 255  # the right quarter is white: the grid's last crop (right column) must reach it
+    corners = [np.asarray(apply_view(Image.fromarray(wide), view)) for view in crop_grid(0.5, 0.5)]
+    assert [c.shape for c in corners] == [(100, 100, 3)] * 4 and corners[1].min() == 255 and corners[0].max() == 0
     with pytest.raises(ValueError, match="unknown augmentation view 'spin'"):
         apply_view(image, "flip,spin")
     with pytest.raises(ValueError, match="bad crop view"):

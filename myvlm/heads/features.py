@@ -247,14 +247,16 @@ VIEWS: dict[str, Callable[[Image.Image], Image.Image]] = {
 
 
 def crop_view(side: float, left: float, top: float) -> str:
-    """The name of a square crop view: side ``side`` x the image's shorter side, its top-left corner at
-    (``left`` x width, ``top`` x height); the crop is resized back to the image's shorter side (zoomed in)."""
+    """The name of a square crop view: side ``side`` x the image's shorter side; ``left`` and ``top`` in
+    [0, 1 - side] place it (on a square image, its corner is at ``left`` x width, ``top`` x height; on others
+    the same fractions of the free range, so the crops of a grid reach every edge). The crop is resized
+    back to the image's shorter side (zoomed in)."""
     return f"crop{side:g}@{left:g}:{top:g}"
 
 
 def crop_grid(side: float, stride: float) -> list[str]:
-    """Crop views of side ``side`` every ``stride`` (fractions of the shorter side), covering a square image:
-    (0.375, 0.125) gives 6 x 6 crops of 24 px every 8 px on 64 px."""
+    """Crop views of side ``side`` every ``stride`` (fractions of the shorter side) covering the image:
+    (0.375, 0.125) gives 6 x 6 crops of 24 px every 8 px on 64 x 64 px."""
     if not (0 < side <= 1 and 0 < stride <= 1):
         raise ValueError(f"crop side and stride are fractions of the image in (0, 1], got {side}, {stride}")
     steps = int(round((1 - side) / stride + 1e-9))
@@ -271,7 +273,9 @@ def _crop(spec: str) -> Callable[[Image.Image], Image.Image]:
     def crop(image: Image.Image) -> Image.Image:
         width, height = image.size
         pixels = max(1, round(side * min(width, height)))
-        x, y = min(round(left * width), width - pixels), min(round(top * height), height - pixels)
+        spread = 1 / (1 - side) if side < 1 else 0.0  # [0, 1 - side] -> [0, 1] of the free range
+        x = min(round(left * spread * (width - pixels)), width - pixels)
+        y = min(round(top * spread * (height - pixels)), height - pixels)
         return image.crop((x, y, x + pixels, y + pixels)).resize((min(width, height),) * 2, Image.BICUBIC)
 
     return crop
