@@ -29,7 +29,7 @@ from myvlm.heads import (
 )
 from myvlm.heads.face import Face, FaceBackend, register_face_backend
 from myvlm.heads.features import (
-    VIEWS, CallableFeatures, LiteRTFeatures, OpenClipFeatures, apply_view, crop_grid, crop_view, ensure_rgb,
+    VIEWS, CallableFeatures, LiteRTFeatures, OpenClipFeatures, apply_view, crop_box, crop_grid, crop_view, ensure_rgb,
 )
 from myvlm.heads.negatives import collect_negatives, count_real
 from myvlm.images import ImageError, load_image
@@ -255,9 +255,7 @@ def test_crops_find_a_small_concept_among_others_and_round_trip():
     assert accuracy[2] >= 0.95 and accuracy[0] <= accuracy[2] - 0.15, accuracy
     assert len(head.regions) == 1 + 49 + 9
     for region, (_, (cx, cy)) in zip(head.fit_report.regions, train):  # the picked crop shows the concept
-        side, corner = region.split(",")[0][len("crop"):].split("@")
-        left, top = (96 * float(v) for v in corner.split(":"))
-        right, bottom = left + 96 * float(side), top + 96 * float(side)
+        left, top, right, bottom = crop_box(region, 96, 96)
         overlap = max(0, min(right, cx + 10) - max(left, cx - 10)) * max(0, min(bottom, cy + 10) - max(top, cy - 10))
         assert overlap >= 0.25 * 20 * 20, (region, cx, cy)  # a quarter of it at least (the blue half is enough)
     config = json.loads(json.dumps(head.config()))

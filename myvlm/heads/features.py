@@ -263,20 +263,31 @@ def crop_grid(side: float, stride: float) -> list[str]:
     return [crop_view(side, x * stride, y * stride) for y in range(steps + 1) for x in range(steps + 1)]
 
 
-def _crop(spec: str) -> Callable[[Image.Image], Image.Image]:
+def _crop_spec(spec: str) -> tuple[float, float, float]:
     try:
         side, corner = spec[len("crop"):].split("@")
-        side, (left, top) = float(side), (float(v) for v in corner.split(":"))
+        left, top = corner.split(":")
+        return float(side), float(left), float(top)
     except ValueError:
         raise ValueError(f"bad crop view {spec!r}; build crop views with crop_view(side, left, top)") from None
 
+
+def crop_box(view: str, width: int, height: int) -> tuple[int, int, int, int]:
+    """The pixel box ``(left, top, right, bottom)`` a crop view (``crop_view``) cuts from a width x height image."""
+    side, left, top = _crop_spec(view)
+    pixels = max(1, round(side * min(width, height)))
+    spread = 1 / (1 - side) if side < 1 else 0.0  # [0, 1 - side] -> [0, 1] of the free range
+    x = min(round(left * spread * (width - pixels)), width - pixels)
+    y = min(round(top * spread * (height - pixels)), height - pixels)
+    return x, y, x + pixels, y + pixels
+
+
+def _crop(spec: str) -> Callable[[Image.Image], Image.Image]:
+    _crop_spec(spec)  # a bad name fails here, before any image is touched
+
     def crop(image: Image.Image) -> Image.Image:
-        width, height = image.size
-        pixels = max(1, round(side * min(width, height)))
-        spread = 1 / (1 - side) if side < 1 else 0.0  # [0, 1 - side] -> [0, 1] of the free range
-        x = min(round(left * spread * (width - pixels)), width - pixels)
-        y = min(round(top * spread * (height - pixels)), height - pixels)
-        return image.crop((x, y, x + pixels, y + pixels)).resize((min(width, height),) * 2, Image.BICUBIC)
+        side = min(image.size)
+        return image.crop(crop_box(spec, *image.size)).resize((side, side), Image.BICUBIC)
 
     return crop
 

@@ -562,7 +562,7 @@ class ClipObjectives:
     objects: float = 0.0  # object-level read-out of the patch tokens (``ObjectHeads`` on APPEARANCE_FIELDS)
     look_alikes: float = 0.0  # the pairs' InfoNCE also against the anchor photo with the object swapped for a look-alike
     crops: float = 1.0  # InfoNCE between zoomed-in crops of the pair's object (``object_crops``), with the
-    # look-alike's crop as an extra negative when the pairs have their third view
+    # look-alike's crop (the pairs' third view) as an extra negative
 
 
 def train_clip(data: WorldData, cfg: StageConfig, pairs: Optional[tuple[WorldData, ...]] = None,
@@ -579,8 +579,9 @@ def train_clip(data: WorldData, cfg: StageConfig, pairs: Optional[tuple[WorldDat
     w = objectives or ClipObjectives()
     if w.look_alikes and (pairs is None or len(pairs) < 3):
         raise ValueError("the look_alikes objective needs the third view: object_pairs(..., look_alikes=True)")
-    if w.crops and crops is None:
-        raise ValueError("the crops objective needs the pairs' crops: object_crops(pairs, seed)")
+    if w.crops and (crops is None or len(crops) < 3):
+        raise ValueError("the crops objective needs the pairs' crops with the look-alike view: "
+                         "object_crops(object_pairs(..., look_alikes=True), seed)")
     torch.manual_seed(cfg.seed)
     clip = open_clip.CLIP(**clip_config(pooling)).train()
     clip.visual.output_tokens = True
@@ -615,7 +616,7 @@ def train_clip(data: WorldData, cfg: StageConfig, pairs: Optional[tuple[WorldDat
                 logits = torch.cat([a @ b.T, (a * c).sum(-1, keepdim=True)], dim=1) * scale  # (B, B+1)
                 total = total + w.look_alikes * F.cross_entropy(logits, torch.arange(len(idx)))
         if w.crops:
-            views = [embed(view[idx]) for view in crops]  # anchor, other photo (, look-alike): (B, E) each
+            views = [embed(view[idx]) for view in crops]  # anchor, other photo, look-alike: (B, E) each
             total = total + w.crops * _instance_loss(*views, scale=clip.logit_scale.exp())
         return total
 
@@ -625,14 +626,12 @@ def train_clip(data: WorldData, cfg: StageConfig, pairs: Optional[tuple[WorldDat
     return clip.eval().requires_grad_(False), losses
 
 
-def _instance_loss(anchor: torch.Tensor, positive: torch.Tensor, *look_alike: torch.Tensor,
+def _instance_loss(anchor: torch.Tensor, positive: torch.Tensor, look_alike: torch.Tensor,
                    scale: torch.Tensor) -> torch.Tensor:
-    """Symmetric InfoNCE between (B, E) views of B objects; a look-alike view adds one negative per anchor."""
+    """Symmetric InfoNCE between (B, E) views of B objects, each anchor also against its look-alike."""
     logits = anchor @ positive.T * scale  # (B, B)
     target = torch.arange(len(anchor))
-    if not look_alike:
-        return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
-    extra = (anchor * look_alike[0]).sum(-1, keepdim=True) * scale  # (B, 1)
+    extra = (anchor * look_alike).sum(-1, keepdim=True) * scale  # (B, 1)
     return (F.cross_entropy(torch.cat([logits, extra], 1), target) + F.cross_entropy(logits.T, target)) / 2
 
 
