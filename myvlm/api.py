@@ -155,7 +155,12 @@ def personalize(
         add_questions(examples, backbone, pairs)
     fitted = fit_head(head, kind, photos, negatives, head_kwargs, refit=fit_head_on_images)
 
-    bank = ConceptBank([name], backbone.concept_dim, init_std=config.init_std, seed=config.seed)
+    start = None
+    if config.init == "look":
+        from myvlm.look import head_boxes, look_vector
+
+        start = look_vector(backbone, photos, head_boxes(fitted, photos))[None]  # (1, D)
+    bank = ConceptBank([name], backbone.concept_dim, values=start, init_std=config.init_std, seed=config.seed)
     run_dir = Path(output_dir).with_name(f".{Path(output_dir).name}.run") if output_dir else None
     result = train_concepts(backbone, bank, examples, config, output_dir=run_dir, progress=progress)
     concept = Concept(

@@ -39,6 +39,9 @@ class AugmentConfig:
     enabled: bool = True  # False = the training images are used as they are (ablation)
 
 
+INITS = ("random", "look")  # how a concept vector starts (TrainConfig.init)
+
+
 @dataclass
 class TrainConfig:
     steps: int = 100  # optimisation steps
@@ -52,8 +55,14 @@ class TrainConfig:
     checkpoint_every: int = 25  # save the concept vector every N steps (0 = never); needs an output folder
     seed: int = 0  # seeds caption sampling, augmentation and the initial vector
     init_std: float = 1.0  # std of the random initial concept vector (it is norm-matched anyway)
+    init: str = "random"  # personalize: "random", or "look": the mean image token over where the head found the concept
+    # in each photo (myvlm.look; with a small lr, e.g. 0.01, so that the vector stays near that look)
     prefetch: bool = True  # prepare the next batch on a background thread while the current step runs
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def __post_init__(self) -> None:
+        if self.init not in INITS:
+            raise ValueError(f"unknown training init {self.init!r}; known: {list(INITS)}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

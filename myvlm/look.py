@@ -1,0 +1,119 @@
+"""Starting a concept vector from how the concept looks to the VLM (``TrainConfig.init = "look"``).
+
+    vector = look_vector(backbone, photos, boxes)   # (D,) at the backbone's injection point
+
+The vector is the mean image token at the injection point (BLIP-2: the vision encoder's output the
+Q-Former reads; LLaVA: the projector input or output) over the part of each photo that shows the
+concept: the box the concept head found it in (``head_boxes``: a crop-scoring ``clip_probe`` names the
+crop it learned from each photo), the whole photo otherwise. A token that looks like the object is what
+lets the model tell *which* object it names; a random start has to find that look in a few
+steps (measured on the toy world, ``myvlm.toyworld``: README, "Context, diagnosed").
+
+Boxes are fractions ``(left, top, right, bottom)`` of the image as the backbone's processor sees it
+(exact for processors that resize without cropping, like BLIP-2's; approximate for centre-cropping
+ones on photos that are not square).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import TYPE_CHECKING, Any, Optional, Sequence
+
+import torch
+from PIL import Image
+
+from myvlm.injection import ConceptBank, ConceptInjector
+
+if TYPE_CHECKING:
+    from myvlm.backbones.base import Backbone
+
+logger = logging.getLogger(__name__)
+
+Box = tuple[float, float, float, float]  # (left, top, right, bottom) as fractions of the image
+WHOLE: Box = (0.0, 0.0, 1.0, 1.0)
+
+
+class _ImageTokens(ConceptInjector):
+    """An injector that records the image tokens at the injection point (and appends its one token)."""
+
+    def __init__(self, backbone: "Backbone"):
+        super().__init__(backbone, ConceptBank(["look"], backbone.concept_dim))
+        self.tokens: list[torch.Tensor] = []
+
+    def concept_tokens(self, image_tokens: torch.Tensor) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        self.tokens.append(image_tokens.detach().float())
+        return super().concept_tokens(image_tokens)
+
+
+@torch.no_grad()
+def image_tokens(backbone: "Backbone", images: Sequence[Image.Image]) -> torch.Tensor:
+    """(B, T, D): the tokens a concept token joins, for each image (one forward, through the backbone's hooks)."""
+    recorder = _ImageTokens(backbone)
+    with recorder, recorder.activate([["look"]] * len(images)):
+        backbone.generate(list(images), max_new_tokens=1)
+    if len(recorder.tokens) != 1:
+        raise RuntimeError(f"expected one forward through the injection point, saw {len(recorder.tokens)}")
+    return recorder.tokens[0]
+
+
+def box_mask(tokens: int, box: Box) -> Optional[torch.Tensor]:
+    """(tokens,) bool: the patch tokens of a square grid whose centres lie in ``box``; a leading class token
+    (1 + g*g tokens) is left out. None when the tokens are not a grid (the caller then uses them all)."""
+    grid, offset = math.isqrt(tokens), 0
+    if grid * grid != tokens:
+        grid, offset = math.isqrt(tokens - 1), 1
+        if grid * grid != tokens - 1:
+            return None
+    centres = (torch.arange(grid, dtype=torch.float32) + 0.5) / grid
+    left, top, right, bottom = box
+    cols = (centres >= left) & (centres < right)
+    rows = (centres >= top) & (centres < bottom)
+    if not bool(cols.any()):  # a box narrower than a patch: the column its centre falls in
+        cols[min(int((left + right) / 2 * grid), grid - 1)] = True
+    if not bool(rows.any()):
+        rows[min(int((top + bottom) / 2 * grid), grid - 1)] = True
+    mask = torch.zeros(tokens, dtype=torch.bool)
+    mask[offset:] = (rows[:, None] & cols[None, :]).reshape(-1)
+    return mask
+
+
+def look_vector(backbone: "Backbone", images: Sequence[Image.Image],
+                boxes: Optional[Sequence[Box]] = None) -> torch.Tensor:
+    """(D,): the mean over ``images`` of each image's mean token inside its box (None: whole images)."""
+    if not images:
+        raise ValueError("look_vector needs at least one image")
+    boxes = list(boxes) if boxes is not None else [WHOLE] * len(images)
+    if len(boxes) != len(images):
+        raise ValueError(f"{len(boxes)} boxes for {len(images)} images")
+    tokens = image_tokens(backbone, images)  # (B, T, D)
+    means = []
+    for row, box in zip(tokens, boxes):
+        mask = box_mask(row.shape[0], box)
+        if mask is None:
+            logger.warning("image tokens (%d) are not a square grid: the look is their mean over the whole image",
+                           row.shape[0])
+        means.append(row.mean(dim=0) if mask is None else row[mask].mean(dim=0))
+    return torch.stack(means).mean(dim=0).cpu()
+
+
+def head_boxes(head: Any, images: Sequence[Image.Image]) -> list[Box]:
+    """Where the fitted ``head`` found the concept in each of its positive ``images``: the crop a
+    crop-scoring ``clip_probe`` learned from each (``fit_report.regions``), else the whole image."""
+    from myvlm.heads.features import crop_box
+
+    regions = list(getattr(getattr(head, "fit_report", None), "regions", None) or [])
+    if len(regions) != len(images):
+        return [WHOLE] * len(images)
+    boxes = []
+    for image, view in zip(images, regions):
+        if view == "id":
+            boxes.append(WHOLE)
+            continue
+        width, height = image.size
+        left, top, right, bottom = crop_box(view, width, height)
+        boxes.append((left / width, top / height, right / width, bottom / height))
+    return boxes
+
+
+__all__ = ["look_vector", "head_boxes", "image_tokens", "box_mask"]

@@ -1,0 +1,67 @@
+"""Starting a concept vector from the concept's look: which tokens, which box, and personalize(init="look")."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import myvlm
+from myvlm.config import TrainConfig
+from myvlm.heads import AlwaysOnHead
+from myvlm.look import WHOLE, box_mask, head_boxes, image_tokens, look_vector
+
+from conftest import random_image
+
+CAPTIONS = [["sks on the grass"], ["sks on the sofa"], ["sks in snow"], ["sks at home"]]
+
+
+def test_box_mask_picks_the_patches_whose_centres_lie_in_the_box():
+    top_left = box_mask(16, (0.0, 0.0, 0.5, 0.5))  # 4 x 4 grid
+    assert top_left.reshape(4, 4)[:2, :2].all() and top_left.sum() == 4
+    with_class = box_mask(17, (0.5, 0.0, 1.0, 0.25))  # class token first, then 4 x 4
+    assert not with_class[0] and with_class[1:].reshape(4, 4)[0, 2:].all() and with_class.sum() == 2
+    thin = box_mask(16, (0.3, 0.3, 0.32, 0.32))  # narrower than a patch: the patch its centre is in
+    assert thin.sum() == 1 and thin.reshape(4, 4)[1, 1]
+    assert box_mask(16, WHOLE).all()
+    assert box_mask(11, WHOLE) is None  # neither g*g nor 1 + g*g tokens: not a grid
+
+
+def test_image_tokens_are_the_encoder_output_the_qformer_reads(backbone):
+    images = [random_image(0), random_image(1)]
+    tokens = image_tokens(backbone, images)
+    pixels = backbone.processor(images=images, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        expected = backbone.model.vision_model(pixel_values=pixels).last_hidden_state
+    torch.testing.assert_close(tokens, expected)
+    # whole images: the mean patch token (class token left out), averaged over the images
+    torch.testing.assert_close(look_vector(backbone, images), expected[:, 1:].mean(dim=1).mean(dim=0))
+    half = look_vector(backbone, images, [(0.0, 0.0, 1.0, 0.5)] * 2)
+    grid = int((expected.shape[1] - 1) ** 0.5)
+    top = expected[:, 1:].reshape(2, grid, grid, -1)[:, : grid // 2]
+    torch.testing.assert_close(half, top.mean(dim=(1, 2)).mean(dim=0))
+    with pytest.raises(ValueError, match="boxes"):
+        look_vector(backbone, images, [WHOLE])
+
+
+def test_head_boxes_follow_the_crops_the_head_learned():
+    class Report:
+        regions = ["id", "crop0.5@0:0", "crop0.5@1:1"]
+
+    class Head:
+        fit_report = Report()
+
+    images = [random_image(i, (40, 40)) for i in range(3)]
+    assert head_boxes(Head(), images) == [WHOLE, (0.0, 0.0, 0.5, 0.5), (0.5, 0.5, 1.0, 1.0)]
+    assert head_boxes(AlwaysOnHead(), images) == [WHOLE] * 3  # no regions: the whole photos
+    assert head_boxes(Head(), images[:2]) == [WHOLE] * 2  # regions of other photos are not used
+
+
+def test_personalize_starts_from_the_look(backbone, photos):
+    concept = myvlm.personalize(photos, name="thing", captions=CAPTIONS, backbone=backbone, head=AlwaysOnHead(),
+                                train={"steps": 0, "init": "look"}, progress=False)
+    torch.testing.assert_close(concept.embedding, look_vector(backbone, photos))
+    random = myvlm.personalize(photos, name="thing", captions=CAPTIONS, backbone=backbone, head=AlwaysOnHead(),
+                               train={"steps": 0}, progress=False)
+    assert not torch.allclose(random.embedding, concept.embedding)
+    with pytest.raises(ValueError, match="init"):
+        TrainConfig(init="zeros")
