@@ -22,7 +22,8 @@ from myvlm.toyworld.bench import BenchConfig, aggregate, head_only, run_concept
 from myvlm.toyworld.concepts import BY_NAME, CONCEPTS
 
 KEYS = ("recall", "oracle_recall", "positive_head", "negative_identifier", "hard_negative_identifier", "unrelated_identifier",
-        "hard_negative_head", "unrelated_head", "context_after", "oracle_context", "context_base", "background_after")
+        "hard_negative_head", "unrelated_head", "context_after", "oracle_context", "context_base", "oracle_slot",
+        "background_after")
 
 
 def parse_value(text: str):

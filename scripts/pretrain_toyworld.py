@@ -3,9 +3,10 @@
     python scripts/pretrain_toyworld.py                       # writes myvlm/toyworld/checkpoints
     python scripts/pretrain_toyworld.py --out /tmp/tw --vision-steps 100 --language-steps 100 --clip-steps 50
 
-Measured (2 threads, idle 2-core machine): ``--llava`` (all three models) 28.4 min: data 1.3, BLIP-2
-vision 2.3 and language 8.2, CLIP 4.4, LLaVA vision 2.8 and language 9.4; the files were byte-identical
-to the shipped ones. ``--llava`` adds the tiny LLaVA (its own vision and language stages on the same scenes).
+Measured (2 threads, idle 2-core machine): ``--llava`` (all three models) 28.4 min before the LLaVA's
+placement objectives (data 1.3, BLIP-2 vision 2.3 and language 8.2, CLIP 4.4, LLaVA vision 2.8 and language
+9.4); the LLaVA language stage now takes 10.4 min, so about 29.7 min. ``--llava`` adds the tiny LLaVA (its
+own vision and language stages on the same scenes); a rerun writes byte-identical weights.
 
 Writes ``<out>/blip2`` (loads with ``myvlm.load_backbone``), ``<out>/clip.safetensors`` and
 ``<out>/pretrain_report.json`` (losses, wall times and the captioner's accuracy on fresh scenes).
@@ -54,6 +55,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--same-photo", type=float, default=0.5,
                         help="naming prior: fraction of its tokens taken from the scene itself (the rest from another "
                              "photo of the object, so that the token binds by appearance, not position)")
+    parser.add_argument("--llava-same-photo", type=float, default=0.2, help="--same-photo for the LLaVA")
+    parser.add_argument("--llava-locate", type=float, default=0.3,
+                        help="LLaVA: weight of the naming prior's locate objective (ObjectLocator: find the object "
+                             "the token looks like in this image); 0 = off")
+    parser.add_argument("--llava-locate-layer", type=int, default=1, help="the LLaVA decoder layer the locator reads")
+    parser.add_argument("--llava-named-weight", type=float, default=5.0,
+                        help="LLaVA, naming prior: caption weight of the scenes with several objects where one is "
+                             "renamed (placement_weights; 1 = off)")
     parser.add_argument("--llava-vision-steps", type=int, default=2500)
     parser.add_argument("--llava-language-steps", type=int, default=2500)
     parser.add_argument("--skip-clip", action="store_true")
@@ -77,6 +86,9 @@ def run_stages(args, report: dict, stages) -> None:
 
 def save(model, processor, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
+    backend = getattr(processor.tokenizer, "_tokenizer", None)  # the fast tokenizer's Rust object
+    if backend is not None:
+        backend.no_padding()  # prior_slots generated captions (left padding); save the tokenizer as built
     model.to(torch.float16).save_pretrained(folder)  # half the size; loads as float32 on the CPU
     processor.save_pretrained(folder)
     model.to(torch.float32)
@@ -95,7 +107,8 @@ def pretrain_blip2(args, data, held_out, report: dict) -> None:
         ("vision", args.vision_steps, vision),
         ("language", args.language_steps,
          lambda cfg: train_language(model, processor, data, cfg, heads.get("vision"), args.vision_lr_scale,
-                                     args.naming, same_photo=args.same_photo)),
+                                     args.naming, same_photo=args.same_photo, held_out=held_out,
+                                     placement=report.setdefault("blip2_prior_placement", {}))),
     ))
     save(model, processor, args.out / "blip2")
     t = time.perf_counter()
@@ -136,7 +149,9 @@ def pretrain_llava(args, data, held_out, report: dict) -> None:
     run_stages(args, report, (
         ("llava_vision", args.llava_vision_steps, vision),
         ("llava_language", args.llava_language_steps,
-         lambda cfg: train_llava_language(model, processor, data, cfg, args.naming, args.same_photo)),
+         lambda cfg: train_llava_language(model, processor, data, cfg, args.naming, args.llava_same_photo,
+                                          args.llava_locate, args.llava_locate_layer, held_out, args.llava_named_weight,
+                                          report.setdefault("llava_prior_placement", {}))),
     ))
     save(model, processor, args.out / "llava")
     t = time.perf_counter()
@@ -158,7 +173,7 @@ def main() -> None:
     data = held_out = None
     if not args.skip_blip2 or args.llava:
         data = make_data(args.n_train, args.seed, Blip2Sizes().patch_size, others=1.0)
-        held_out = make_data(400, args.seed + 99, Blip2Sizes().patch_size)
+        held_out = make_data(400, args.seed + 99, Blip2Sizes().patch_size, others=1.0)  # second photos: prior_slots
         report["seconds"]["data"] = round(time.perf_counter() - started, 1)
     if not args.skip_blip2:
         pretrain_blip2(args, data, held_out, report)

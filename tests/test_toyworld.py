@@ -286,3 +286,94 @@ def test_pretraining_is_deterministic(tmp_path):
     for name, tensors in first.items():
         assert tensors.keys() == second[name].keys()
         assert all(torch.equal(tensors[k], second[name][k]) for k in tensors), name
+
+
+def test_concept_slot_checks_where_the_identifier_stands():
+    from myvlm.toyworld.bench import concept_slot
+
+    concept = CONCEPTS[0]
+    photos = [scene for _, scene in concept_photos(concept, "val", 20)]
+    several = next(s for s in photos if len(s.objects) >= 2)
+    single = next(s for s in photos if len(s.objects) == 1)
+    right = target_caption(several)
+    parsed = parse_caption(right)
+    index = parsed["objects"].index(concept.identifier)
+    swapped = list(parsed["objects"])
+    swapped[index], swapped[(index + 1) % len(swapped)] = swapped[(index + 1) % len(swapped)], swapped[index]
+    joiner = f" {several.relation} " if len(swapped) == 2 else None
+    body = joiner.join(swapped) if joiner else f"{swapped[0]}, {swapped[1]} and {swapped[2]}"
+    assert concept_slot(right, several, concept.identifier) is True
+    assert concept_slot(f"{body} on a {several.background} background", several, concept.identifier) is False
+    assert concept_slot("gibberish", several, concept.identifier) is False
+    assert concept_slot(target_caption(single), single, concept.identifier) is None
+
+
+def test_placement_weights_and_prior_slot_accuracy():
+    """The naming prior's placement measure: a caption putting the name in the renamed object's place
+    counts, the same caption with the name elsewhere does not; weights single out those scenes."""
+    from dataclasses import replace
+
+    from myvlm.toyworld.pretrain import NamingPrior, placement_weights, prior_slot_accuracy
+
+    data = make_data(40, seed=1, others=1.0)
+    one = next(s for s in data.scenes if len(s.objects) == 1)
+    two = next(s for s in data.scenes if len(s.objects) == 2)
+    weights = placement_weights([(two, 3), (two, -1), (one, 3)], 5.0)
+    assert weights.tolist() == [5.0, 1.0, 1.0] and placement_weights([(two, 3)], 1.0) is None
+
+    prior = NamingPrior(8, 1.0, seed=0)
+    features = lambda pixels: torch.zeros(len(pixels), 16, 8)  # noqa: E731 - the looks do not matter here
+    seen = {}
+
+    def truthful(images, names):  # the ground-truth caption with the renamed object called by its name
+        rows = seen.setdefault("rows", [i for i, s in enumerate(data.scenes) if len(s.objects) >= 2
+                                        and not s.objects[data.other_object[i]].name])
+        out = []
+        for i, n in zip(rows[seen.get("at", 0):], names):
+            scene = data.scenes[i]
+            k = int(data.other_object[i])
+            objects = [replace(o, name=NAMES[n]) if j == k else o for j, o in enumerate(scene.objects)]
+            out.append(caption(replace(scene, objects=objects)))
+        seen["at"] = seen.get("at", 0) + len(names)
+        return out
+
+    assert prior_slot_accuracy(prior, truthful, features, data, same_photo=1.0) == 1.0
+    seen.clear()
+
+    def first_place(images, names):  # the name always first
+        return [f"{NAMES[n]} above a red circle on a plain background" for n in names]
+
+    score = prior_slot_accuracy(prior, first_place, features, data, same_photo=0.0)
+    assert 0.0 < score < 1.0 and prior.names is None
+
+
+def test_llava_locator_reads_the_concept_slot(toy_llava):
+    """The locate objective reads the LLM's hidden state at the concept slot, after the chosen layer."""
+    from PIL import Image
+
+    from myvlm.toyworld.pretrain import NamingPrior, PriorInjector, llava_slot_locator
+
+    data = make_data(3, seed=2, others=1.0)
+    prior = NamingPrior(toy_llava.concept_dim, 1.0, seed=0)
+    vision = toy_llava.model.model.vision_tower
+    prior.prepare(lambda px: vision(pixel_values=px, output_hidden_states=True).hidden_states[-1][:, 1:], data,
+                  np.arange(3), [0, -1, 2])
+    locator = llava_slot_locator(toy_llava, 1, data.cover.shape[-1])
+    captured = {}
+    layer = toy_llava.model.model.language_model.layers[1]
+    handle = layer.register_forward_hook(lambda m, a, out: captured.update(h=out[0] if isinstance(out, tuple) else out))
+    injector = PriorInjector(toy_llava, prior)
+    images = [Image.fromarray(p) for p in data.pixels]
+    try:
+        with injector, injector.activate([[0], [], [0]]), torch.no_grad():
+            batch = toy_llava.prepare_batch(images, data.captions)
+            _, slots = toy_llava.with_concept_slots(batch)
+            toy_llava.sequence_loss(batch)
+    finally:
+        locator.remove()
+        handle.remove()
+    expected = captured["h"][torch.arange(3), slots.positions[:, 0]]
+    assert torch.equal(locator.states[[0, 2]], expected[[0, 2]])
+    chosen = torch.tensor([True, False, True])
+    cover = torch.from_numpy(data.cover[np.arange(3), np.maximum(data.other_object, 0)])
+    assert 0.0 <= locator.accuracy(cover, chosen) <= 1.0 and locator.loss(cover, chosen) > 0

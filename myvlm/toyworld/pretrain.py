@@ -292,6 +292,7 @@ class NamingPrior(nn.Module):
         self.rng = np.random.default_rng(seed + 2)
         self.names: Optional[torch.Tensor] = None  # (B,) name index or -1, for the next forward
         self.features: Optional[torch.Tensor] = None  # (B, D) the renamed object's look (this or another photo)
+        self.from_other: Optional[torch.Tensor] = None  # (B,) bool: that look comes from another photo
 
     def plan(self, data: WorldData, i: int) -> tuple[Scene, int]:
         """(scene ``i`` as the targets describe it, name index or -1): with a name, one object carries it."""
@@ -311,6 +312,7 @@ class NamingPrior(nn.Module):
         self.names = torch.tensor(names)
         chosen = [int(i) for i, n in zip(idx, names) if n >= 0]
         self.features = None
+        self.from_other = torch.zeros(len(idx), dtype=torch.bool)
         if chosen:
             same = self.rng.random(len(chosen)) < self.same_photo
             pixels = np.where(same[:, None, None, None], data.pixels[chosen], data.other_pixels[chosen])
@@ -320,6 +322,7 @@ class NamingPrior(nn.Module):
             pooled = pool(tokens, torch.from_numpy(cover)[:, None])[:, 0]
             self.features = torch.zeros(len(idx), tokens.shape[-1])
             self.features[torch.tensor([n >= 0 for n in names])] = pooled
+            self.from_other[torch.tensor([n >= 0 for n in names])] = torch.from_numpy(~same)
 
     def tokens(self, image_tokens: torch.Tensor) -> Optional[torch.Tensor]:
         """(B, D): each renamed sample's token, norm-matched to its image tokens (B, N, D); zeros elsewhere."""
@@ -346,10 +349,14 @@ class NamingPrior(nn.Module):
 
 def train_language(model, processor, data: WorldData, cfg: StageConfig, heads: Optional[ObjectHeads] = None,
                    vision_lr_scale: float = 0.0, naming: float = 0.0,
-                   evaluate: Optional[Callable[[], str]] = None, same_photo: float = 0.5) -> list[float]:
+                   evaluate: Optional[Callable[[], str]] = None, same_photo: float = 0.5,
+                   held_out: Optional[WorldData] = None, placement: Optional[dict] = None) -> list[float]:
     """Queries, Q-Former, projection and OPT learn to caption; with ``vision_lr_scale`` > 0 the ViT is tuned
     too (at that fraction of the learning rate), its object objective (``heads``) kept as an auxiliary loss;
-    ``naming`` > 0 adds the NamingPrior to that fraction of the scenes that have a second photo."""
+    ``naming`` > 0 adds the NamingPrior to that fraction of the scenes that have a second photo. With
+    ``held_out`` scenes (with second photos), ``prior_slot_accuracy`` is measured at the end of the stage,
+    logged and left in ``placement``. (The LLaVA's placement objectives, ``ObjectLocator`` and
+    ``placement_weights``, were not tried on the BLIP-2.)"""
     trainable = [model.query_tokens, *model.qformer.parameters(), *model.language_projection.parameters(),
                  *model.language_model.parameters()]
     prior = NamingPrior(model.config.vision_config.hidden_size, naming, cfg.seed, same_photo) if naming > 0 else None
@@ -368,6 +375,7 @@ def train_language(model, processor, data: WorldData, cfg: StageConfig, heads: O
     image_token = model.config.image_token_index
 
     def loss_fn(idx: np.ndarray) -> torch.Tensor:
+        steps_done[0] += 1
         texts = [data.captions[i] for i in idx]
         if prior is not None:
             plans = [prior.plan(data, int(i)) for i in idx]
@@ -392,12 +400,27 @@ def train_language(model, processor, data: WorldData, cfg: StageConfig, heads: O
         return loss
 
     named_loss: list[tuple[float, float]] = []
+    steps_done = [0]
+    placement = {} if placement is None else placement
+
+    def patch_tokens(pixels: torch.Tensor) -> torch.Tensor:
+        return model.vision_model(pixel_values=pixels).last_hidden_state[:, 1:]
+
+    def captions_with_token(images: list, names: list[int]) -> list[str]:
+        from myvlm.backbones.blip2 import Blip2Backbone
+        from myvlm.config import BackboneConfig
+
+        return Blip2Backbone(model, processor, BackboneConfig("toyworld-blip2", device="cpu", dtype="float32")
+                             ).generate(images)
 
     def report() -> str:
         recent = np.array(named_loss[-100:]) if named_loss else np.full((1, 2), np.nan)
         extra = evaluate() if evaluate else ""
         named, others = recent.mean(axis=0)
-        return f"loss per token, captions naming an object {named:.3f} vs others {others:.3f} {extra}"
+        where = ""
+        if prior is not None and steps_done[0] == cfg.steps:  # at the end: a few hundred captions cost ~15 s
+            where = prior_slots(model, prior, captions_with_token, patch_tokens, held_out, placement)
+        return f"loss per token, captions naming an object {named:.3f} vs others {others:.3f}{where} {extra}"
 
     try:
         losses = run_stage(groups, loss_fn, len(data.captions), cfg, "language", evaluate=report)
@@ -710,16 +733,143 @@ class PriorInjector(ConceptInjector):
         return self.prior.tokens(image_tokens)[:, None] * mask[..., None], mask
 
 
+class ObjectLocator(nn.Module):
+    """Where is the object the naming prior's token names? A linear read-out of a state the model computes
+    after the token joined (``states``, set by a forward hook), over the image's patches; the target is the
+    renamed object's cover in *this* image. With the token's look from another photo, its own position says
+    nothing: the model must find the object that looks like it. Discarded after pretraining, like the name
+    vectors: what stays is a model that locates the object a token looks like; with ``placement_weights``
+    it also puts the identifier in that object's place of a caption (README, "Placement, trained").
+    ``llava_slot_locator`` reads the LLM's hidden state at the concept slot after one decoder layer (the
+    slot comes after the image tokens, so it can attend to the patches)."""
+
+    def __init__(self, width: int, patches: int):
+        super().__init__()
+        self.readout = nn.Linear(width, patches)
+        self.states: Optional[torch.Tensor] = None  # (B, width), from the last forward
+        self.handle = None  # the hook's handle
+
+    def loss(self, cover: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+        """``cover``: (B, patches) the named object's cover; ``chosen``: (B,) bool, samples with a token."""
+        states, self.states = self.states, None
+        if states is None or not bool(chosen.any()):
+            return torch.zeros(())
+        target = cover[chosen] / cover[chosen].sum(-1, keepdim=True).clamp(min=1e-6)
+        return -(target * F.log_softmax(self.readout(states[chosen]), dim=-1)).sum(-1).mean()
+
+    @torch.no_grad()
+    def accuracy(self, cover: torch.Tensor, chosen: torch.Tensor) -> Optional[float]:
+        """Fraction of the chosen samples whose most likely patch is one the object covers."""
+        if self.states is None or not bool(chosen.any()):
+            return None
+        best = self.readout(self.states[chosen]).argmax(-1, keepdim=True)
+        return float((cover[chosen].gather(1, best)[:, 0] > 0).float().mean())
+
+    def remove(self) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+
+
+def llava_slot_locator(backbone, layer: int, patches: int) -> ObjectLocator:
+    locator = ObjectLocator(backbone.model.config.text_config.hidden_size, patches)
+
+    def record(module: nn.Module, args: tuple, output) -> None:
+        slots = backbone._slots
+        hidden = output[0] if isinstance(output, tuple) else output  # (B, T, D)
+        if slots is not None and hidden.shape[1] == slots.mask.shape[1]:
+            rows = torch.arange(hidden.shape[0], device=hidden.device)
+            locator.states = hidden[rows, slots.positions[:, 0].to(hidden.device)]  # (B, D)
+
+    locator.handle = backbone.model.model.language_model.layers[layer].register_forward_hook(record)
+    return locator
+
+
+def placement_weights(plans: list[tuple[Scene, int]], named_weight: float) -> Optional[torch.Tensor]:
+    """(B,) caption weights: ``named_weight`` for the scenes with several objects where the naming prior renamed
+    one (where the caption must say *which* object the token is), 1 elsewhere; None when it is 1."""
+    if named_weight == 1.0:
+        return None
+    several = torch.tensor([name >= 0 and len(scene.objects) >= 2 for scene, name in plans], dtype=torch.float32)
+    return 1.0 + (named_weight - 1.0) * several
+
+
+def locate_step(locator: ObjectLocator, prior: "NamingPrior", data: WorldData, idx: np.ndarray,
+                accuracies: list[float]) -> torch.Tensor:
+    """The locator's loss for this batch; logs its accuracy on the tokens from another photo."""
+    chosen = prior.names >= 0
+    cover = torch.from_numpy(data.cover[idx, np.maximum(data.other_object[idx], 0)])  # (B, patches)
+    accuracy = locator.accuracy(cover, chosen & prior.from_other)
+    if accuracy is not None:
+        accuracies.append(accuracy)
+    return locator.loss(cover, chosen)
+
+
+@torch.no_grad()
+def prior_slot_accuracy(prior: "NamingPrior", caption: Callable[[list, list[int]], list[str]],
+                        patch_features: Callable, data: WorldData, same_photo: float, batch_size: int = 50) -> float:
+    """The naming prior, measured the way personalization is: in held-out scenes with several objects, one
+    object is renamed by a token (its look from this photo with probability ``same_photo``, else from
+    another photo); the fraction of greedy captions that put the name in that object's place.
+    ``caption(images, names)``: the model's captions with the prior's token in."""
+    from PIL import Image
+
+    from myvlm.toyworld.scenes import parse_caption
+
+    saved = prior.same_photo, prior.rng
+    prior.same_photo, prior.rng = same_photo, np.random.default_rng(0)
+    rows = [i for i, s in enumerate(data.scenes) if len(s.objects) >= 2 and data.other_object[i] >= 0
+            and not s.objects[data.other_object[i]].name]
+    hits = []
+    try:
+        for start in range(0, len(rows), batch_size):
+            idx = np.array(rows[start : start + batch_size])
+            names = [NAMES.index(next(n for n in NAMES if n not in {o.name for o in data.scenes[i].objects}))
+                     for i in idx]
+            prior.prepare(patch_features, data, idx, names)
+            texts = caption([Image.fromarray(data.pixels[i]) for i in idx], names)
+            for i, n, text in zip(idx, names, texts):
+                got = (parse_caption(text) or {"objects": []})["objects"]
+                k = int(data.other_object[i])
+                hits.append(k < len(got) and got[k] == NAMES[n])
+    finally:
+        prior.same_photo, prior.rng = saved
+        prior.names = prior.features = None
+    return float(np.mean(hits)) if hits else float("nan")
+
+
+def prior_slots(model: nn.Module, prior: "NamingPrior", caption: Callable, patch_features: Callable,
+                held_out: Optional[WorldData], into: dict) -> str:
+    """``prior_slot_accuracy`` for tokens from the same and from another photo, stored in ``into``; a log line.
+    ``model`` is measured in eval mode (no dropout) on a forked RNG, so training goes on exactly as without it."""
+    if held_out is None or not bool((held_out.other_object >= 0).any()):
+        return ""
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        with torch.random.fork_rng():
+            for key, same in (("same_photo", 1.0), ("other_photo", 0.0)):
+                into[key] = round(prior_slot_accuracy(prior, caption, patch_features, held_out, same), 4)
+    finally:
+        for module, training in modes.items():
+            module.training = training
+    return f" name in the token's place: same photo {into['same_photo']:.3f}, other photo {into['other_photo']:.3f}"
+
+
 def train_llava_language(model, processor, data: WorldData, cfg: StageConfig, naming: float = 0.0,
-                         same_photo: float = 0.5) -> list[float]:
+                         same_photo: float = 0.5, locate: float = 0.0, locate_layer: int = 1,
+                         held_out: Optional[WorldData] = None, named_weight: float = 1.0,
+                         placement: Optional[dict] = None) -> list[float]:
     """Projector + Llama learn captions and answers through the backbone's own batch builder; ``naming`` > 0
-    adds the NamingPrior, its token inserted by the backbone's concept slots at the projector input."""
+    adds the NamingPrior, its token inserted by the backbone's concept slots at the projector input;
+    ``locate`` > 0 weighs the ``ObjectLocator`` objective (read after decoder layer ``locate_layer``);
+    ``named_weight``: see ``placement_weights``; ``held_out``, ``placement``: as in ``train_language``."""
     from PIL import Image
 
     from myvlm.backbones.llava import LlavaBackbone
     from myvlm.config import BackboneConfig
 
     backbone = LlavaBackbone(model, processor, BackboneConfig("toyworld-llava", device="cpu", dtype="float32"))
+    placement = {} if placement is None else placement
     prior = NamingPrior(backbone.concept_dim, naming, cfg.seed, same_photo)
     trainable = [*model.model.multi_modal_projector.parameters(), *model.model.language_model.parameters(),
                  *model.lm_head.parameters()]
@@ -732,17 +882,41 @@ def train_llava_language(model, processor, data: WorldData, cfg: StageConfig, na
     def patch_features(pixels: torch.Tensor) -> torch.Tensor:
         return vision(pixel_values=pixels, output_hidden_states=True).hidden_states[layer][:, 1:]
 
+    locator = llava_slot_locator(backbone, locate_layer, data.cover.shape[-1]) if locate > 0 and naming > 0 else None
+    located: list[float] = []
+    steps_done = [0]
+
     def loss_fn(idx: np.ndarray) -> torch.Tensor:
+        steps_done[0] += 1
         plans = [prior.plan(data, int(i)) for i in idx]
         tasks = [llava_task(scene, NAMES[name] if name >= 0 else None, rng, backbone) for scene, name in plans]
         prior.prepare(patch_features, data, idx, [name for _, name in plans])
         images = [Image.fromarray(data.pixels[i]) for i in idx]
         with injector.activate([[0] if name >= 0 else [] for _, name in plans]):
             batch = backbone.prepare_batch(images, [t for _, t in tasks], [p for p, _ in tasks])
-            return backbone.sequence_loss(batch).mean()
+            per_sample = backbone.sequence_loss(batch)  # (B,)
+        weights = placement_weights(plans, named_weight)
+        loss = per_sample.mean() if weights is None else (per_sample * weights).sum() / weights.sum()
+        return loss + locate * locate_step(locator, prior, data, idx, located) if locator is not None else loss
+
+    def captions_with_token(images: list, names: list[int]) -> list[str]:
+        with injector.activate([[0]] * len(images)):
+            return backbone.generate(images, [backbone.caption_prompt([NAMES[n]]) for n in names])
+
+    def report() -> str:
+        out = f"the token's object located (token from another photo) {np.mean(located[-100:]):.3f}" if located else ""
+        if steps_done[0] < cfg.steps:  # measured at the end only
+            return out
+        return out + prior_slots(model, prior, captions_with_token, patch_features, held_out, placement)
 
     injector = PriorInjector(backbone, prior)
-    with injector:
-        losses = run_stage(trainable + list(prior.parameters()), loss_fn, len(data.captions), cfg, "llava-language")
+    extra = list(locator.parameters()) if locator is not None else []
+    try:
+        with injector:
+            losses = run_stage(trainable + list(prior.parameters()) + extra, loss_fn, len(data.captions), cfg,
+                               "llava-language", evaluate=report)
+    finally:
+        if locator is not None:
+            locator.remove()
     model.requires_grad_(False).eval()
     return losses
