@@ -55,6 +55,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--same-photo", type=float, default=0.5,
                         help="naming prior: fraction of its tokens taken from the scene itself (the rest from another "
                              "photo of the object, so that the token binds by appearance, not position)")
+    parser.add_argument("--locate", type=float, default=0.0,
+                        help="BLIP-2: weight of the naming prior's locate objective (ObjectLocator on OPT's state at "
+                             "the first text token, blip2_locator); 0 = off")
+    parser.add_argument("--locate-layer", type=int, default=1, help="the OPT decoder layer the BLIP-2 locator reads")
+    parser.add_argument("--named-weight", type=float, default=1.0,
+                        help="BLIP-2: --llava-named-weight for the BLIP-2 (1 = off)")
+    parser.add_argument("--qformer-dropout", type=float, default=0.1, help="BLIP-2 Q-Former dropout (Blip2Sizes)")
     parser.add_argument("--llava-same-photo", type=float, default=0.2, help="--same-photo for the LLaVA")
     parser.add_argument("--llava-locate", type=float, default=0.3,
                         help="LLaVA: weight of the naming prior's locate objective (ObjectLocator: find the object "
@@ -95,7 +102,7 @@ def save(model, processor, folder: Path) -> None:
 
 
 def pretrain_blip2(args, data, held_out, report: dict) -> None:
-    model, processor = new_blip2(Blip2Sizes(), seed=args.seed)
+    model, processor = new_blip2(Blip2Sizes(qformer_dropout=args.qformer_dropout), seed=args.seed)
     heads = {}
 
     def vision(cfg):
@@ -108,7 +115,8 @@ def pretrain_blip2(args, data, held_out, report: dict) -> None:
         ("language", args.language_steps,
          lambda cfg: train_language(model, processor, data, cfg, heads.get("vision"), args.vision_lr_scale,
                                      args.naming, same_photo=args.same_photo, held_out=held_out,
-                                     placement=report.setdefault("blip2_prior_placement", {}))),
+                                     placement=report.setdefault("blip2_prior_placement", {}),
+                                     locate=args.locate, locate_layer=args.locate_layer, named_weight=args.named_weight)),
     ))
     save(model, processor, args.out / "blip2")
     t = time.perf_counter()

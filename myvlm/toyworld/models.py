@@ -48,6 +48,7 @@ class Blip2Sizes:
     qformer_hidden: int = 128  # Q-Former width
     qformer_layers: int = 2  # Q-Former depth (cross-attention in every layer)
     num_query_tokens: int = 16  # learned queries = image tokens the LM sees
+    qformer_dropout: float = 0.1  # Q-Former hidden and attention dropout (transformers' default)
     text_hidden: int = 128  # OPT width
     text_layers: int = 3  # OPT depth
     heads: int = 4  # attention heads everywhere
@@ -91,11 +92,13 @@ def new_blip2(sizes: Blip2Sizes = Blip2Sizes(), seed: int = 0):
     s = sizes
     vision = Blip2VisionConfig(hidden_size=s.vision_hidden, intermediate_size=4 * s.vision_hidden,
                                num_hidden_layers=s.vision_layers, num_attention_heads=s.heads, image_size=SIZE,
-                               patch_size=s.patch_size)
+                               patch_size=s.patch_size, initializer_range=0.02)  # transformers' default, 1e-10,
+    # is meant for loading pretrained weights: from scratch it starts every ViT weight at ~0
     qformer = Blip2QFormerConfig(hidden_size=s.qformer_hidden, intermediate_size=4 * s.qformer_hidden,
                                  num_hidden_layers=s.qformer_layers, num_attention_heads=s.heads,
                                  encoder_hidden_size=s.vision_hidden, cross_attention_frequency=1,
-                                 vocab_size=len(tokenizer))
+                                 vocab_size=len(tokenizer), hidden_dropout_prob=s.qformer_dropout,
+                                 attention_probs_dropout_prob=s.qformer_dropout)
     text = OPTConfig(vocab_size=len(tokenizer), hidden_size=s.text_hidden, ffn_dim=4 * s.text_hidden,
                      num_hidden_layers=s.text_layers, num_attention_heads=s.heads, max_position_embeddings=128,
                      word_embed_proj_dim=s.text_hidden, dropout=0.0, attention_dropout=0.0, **ids)
