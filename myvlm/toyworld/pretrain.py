@@ -359,8 +359,8 @@ def train_language(model, processor, data: WorldData, cfg: StageConfig, heads: O
     logged and left in ``placement``. The placement objectives, as for the LLaVA: ``locate`` > 0 weighs the
     ``ObjectLocator`` read from OPT's state at the caption's first token after decoder layer ``locate_layer``
     (``blip2_locator``: the first state that has read every query); ``named_weight``: ``placement_weights``.
-    Both are off by default: on the BLIP-2 (1200-step scratch runs, README) the locator found the token's
-    object in 46% (the LLaVA's: 97%) and the base captions lost the names (28% -> 1%)."""
+    Both are off by default: on the BLIP-2 (README) the locator found the token's object in 45% (the LLaVA's:
+    97%), the prior's name never landed in its object's place, and the base captions lost names (39% -> 14%)."""
     trainable = [model.query_tokens, *model.qformer.parameters(), *model.language_projection.parameters(),
                  *model.language_model.parameters()]
     prior = NamingPrior(model.config.vision_config.hidden_size, naming, cfg.seed, same_photo) if naming > 0 else None
