@@ -413,6 +413,8 @@ def test_blip2_locator_reads_the_first_text_state(toy_backbone):
         assert not any(m._forward_hooks for m in fresh.language_model.model.decoder.layers)  # the locator's hook is gone
         return losses
 
-    plain, placed = first_losses(), first_losses(locate=0.3, named_weight=5.0)
+    placement: dict = {}
+    plain, placed = first_losses(), first_losses(locate=0.3, named_weight=5.0, held_out=train, placement=placement)
+    assert set(placement) == {"same_photo", "other_photo"}  # measured at the end of the stage, whatever its length
     assert all(np.isfinite(placed))
     assert placed[0] > plain[0] + 0.3 * 0.5  # the locator's loss (about log 16 patches at the start) is in the sum

@@ -26,7 +26,7 @@ from myvlm.toyworld.concepts import (
 )
 from myvlm.toyworld.pretrain import parse_phrase
 from myvlm.toyworld.questions import concept_questions
-from myvlm.toyworld.scenes import Scene, caption, parse_caption
+from myvlm.toyworld.scenes import Scene, caption, named_in_place, parse_caption
 
 logger = logging.getLogger(__name__)
 
@@ -95,8 +95,7 @@ def concept_slot(predicted: str, scene: Scene, identifier: str) -> Optional[bool
     if len(scene.objects) < 2:
         return None
     index = next(i for i, obj in enumerate(scene.objects) if obj.concept is not None)
-    got = (parse_caption(predicted) or {"objects": []})["objects"]
-    return index < len(got) and got[index] == identifier
+    return named_in_place(predicted, index, identifier)
 
 
 def _rate(values: list[bool]) -> float:

@@ -141,9 +141,10 @@ class StageConfig:
 
 def run_stage(params: list, loss_fn: Callable[[np.ndarray], torch.Tensor], n: int,
               cfg: StageConfig, name: str, log_every: int = 100,
-              evaluate: Optional[Callable[[], str]] = None) -> list[float]:
+              evaluate: Optional[Callable[[], str]] = None, finish: Optional[Callable[[], str]] = None) -> list[float]:
     """A generic loop: ``loss_fn(indices)`` -> scalar loss, AdamW + warmup/cosine, seeded batch order.
-    ``params``: parameters, or param groups with an ``lr_scale``. ``evaluate()`` is logged every 5 logs."""
+    ``params``: parameters, or param groups with an ``lr_scale``. ``evaluate()`` is logged every 5 logs;
+    ``finish()`` once after the last step (a measurement of the trained stage)."""
     groups = params if params and isinstance(params[0], dict) else [{"params": list(params)}]
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     params = [p for g in groups for p in g["params"]]
@@ -166,6 +167,8 @@ def run_stage(params: list, loss_fn: Callable[[np.ndarray], torch.Tensor], n: in
             extra = evaluate() if evaluate and ((step + 1) % (5 * log_every) == 0 or step + 1 == cfg.steps) else ""
             logger.info("%s step %d/%d loss %.4f (%.0f s) %s", name, step + 1, cfg.steps,
                         float(np.mean(losses[-log_every:])), time.perf_counter() - started, extra)
+    if finish is not None:
+        logger.info("%s at the end:%s", name, finish())
     return losses
 
 
@@ -383,7 +386,6 @@ def train_language(model, processor, data: WorldData, cfg: StageConfig, heads: O
     located: list[float] = []
 
     def loss_fn(idx: np.ndarray) -> torch.Tensor:
-        steps_done[0] += 1
         texts = [data.captions[i] for i in idx]
         if prior is not None:
             plans = [prior.plan(data, int(i)) for i in idx]
@@ -414,30 +416,27 @@ def train_language(model, processor, data: WorldData, cfg: StageConfig, heads: O
         return loss
 
     named_loss: list[tuple[float, float]] = []
-    steps_done = [0]
     placement = {} if placement is None else placement
-
-    def patch_tokens(pixels: torch.Tensor) -> torch.Tensor:
-        return model.vision_model(pixel_values=pixels).last_hidden_state[:, 1:]
-
-    def captions_with_token(images: list, names: list[int]) -> list[str]:
-        from myvlm.backbones.blip2 import Blip2Backbone
-        from myvlm.config import BackboneConfig
-
-        return Blip2Backbone(model, processor, BackboneConfig("toyworld-blip2", device="cpu", dtype="float32")
-                             ).generate(images)
 
     def report() -> str:
         recent = np.array(named_loss[-100:]) if named_loss else np.full((1, 2), np.nan)
         extra = evaluate() if evaluate else ""
         named, others = recent.mean(axis=0)
         where = f", the token's object located (other photo) {np.mean(located[-100:]):.3f}" if located else ""
-        if prior is not None and steps_done[0] == cfg.steps:  # at the end: a few hundred captions cost ~15 s
-            where += prior_slots(model, prior, captions_with_token, patch_tokens, held_out, placement)
         return f"loss per token, captions naming an object {named:.3f} vs others {others:.3f}{where} {extra}"
 
+    def finish() -> str:  # a few hundred captions with the prior's token: ~15 s
+        from myvlm.backbones.blip2 import Blip2Backbone
+        from myvlm.config import BackboneConfig
+
+        backbone = Blip2Backbone(model, processor, BackboneConfig("toyworld-blip2", device="cpu", dtype="float32"))
+        return prior_slots(model, prior, lambda images, names: backbone.generate(images),  # names: by the token
+                           lambda pixels: model.vision_model(pixel_values=pixels).last_hidden_state[:, 1:],
+                           held_out, placement)
+
     try:
-        losses = run_stage(groups, loss_fn, len(data.captions), cfg, "language", evaluate=report)
+        losses = run_stage(groups, loss_fn, len(data.captions), cfg, "language", evaluate=report,
+                           finish=finish if prior is not None else None)
     finally:
         if handle is not None:
             handle.remove()
@@ -844,7 +843,7 @@ def prior_slot_accuracy(prior: "NamingPrior", caption: Callable[[list, list[int]
     ``caption(images, names)``: the model's captions with the prior's token in."""
     from PIL import Image
 
-    from myvlm.toyworld.scenes import parse_caption
+    from myvlm.toyworld.scenes import named_in_place
 
     saved = prior.same_photo, prior.rng
     prior.same_photo, prior.rng = same_photo, np.random.default_rng(0)
@@ -858,10 +857,7 @@ def prior_slot_accuracy(prior: "NamingPrior", caption: Callable[[list, list[int]
                      for i in idx]
             prior.prepare(patch_features, data, idx, names)
             texts = caption([Image.fromarray(data.pixels[i]) for i in idx], names)
-            for i, n, text in zip(idx, names, texts):
-                got = (parse_caption(text) or {"objects": []})["objects"]
-                k = int(data.other_object[i])
-                hits.append(k < len(got) and got[k] == NAMES[n])
+            hits += [named_in_place(text, int(data.other_object[i]), NAMES[n]) for i, n, text in zip(idx, names, texts)]
     finally:
         prior.same_photo, prior.rng = saved
         prior.names = prior.features = None
@@ -915,10 +911,8 @@ def train_llava_language(model, processor, data: WorldData, cfg: StageConfig, na
 
     locator = llava_slot_locator(backbone, locate_layer, data.cover.shape[-1]) if locate > 0 and naming > 0 else None
     located: list[float] = []
-    steps_done = [0]
 
     def loss_fn(idx: np.ndarray) -> torch.Tensor:
-        steps_done[0] += 1
         plans = [prior.plan(data, int(i)) for i in idx]
         tasks = [llava_task(scene, NAMES[name] if name >= 0 else None, rng, backbone) for scene, name in plans]
         prior.prepare(patch_features, data, idx, [name for _, name in plans])
@@ -935,17 +929,17 @@ def train_llava_language(model, processor, data: WorldData, cfg: StageConfig, na
             return backbone.generate(images, [backbone.caption_prompt([NAMES[n]]) for n in names])
 
     def report() -> str:
-        out = f"the token's object located (token from another photo) {np.mean(located[-100:]):.3f}" if located else ""
-        if steps_done[0] < cfg.steps:  # measured at the end only
-            return out
-        return out + prior_slots(model, prior, captions_with_token, patch_features, held_out, placement)
+        return f"the token's object located (token from another photo) {np.mean(located[-100:]):.3f}" if located else ""
+
+    def finish() -> str:
+        return prior_slots(model, prior, captions_with_token, patch_features, held_out, placement)
 
     injector = PriorInjector(backbone, prior)
     extra = list(locator.parameters()) if locator is not None else []
     try:
         with injector:
             losses = run_stage(trainable + list(prior.parameters()) + extra, loss_fn, len(data.captions), cfg,
-                               "llava-language", evaluate=report)
+                               "llava-language", evaluate=report, finish=finish)
     finally:
         if locator is not None:
             locator.remove()

@@ -216,6 +216,12 @@ def parse_caption(text: str) -> Optional[dict]:
     return {"objects": [p.strip() for p in parts], "relation": relation, "background": match["background"]}
 
 
+def named_in_place(text: str, index: int, name: str) -> bool:
+    """Whether caption ``text`` calls the ``index``-th object (caption order) by ``name``."""
+    objects = (parse_caption(text) or {"objects": []})["objects"]
+    return index < len(objects) and objects[index] == name
+
+
 # ---- rendering -------------------------------------------------------------------------------
 
 
