@@ -1,15 +1,19 @@
-"""Pretrain the toy world's tiny BLIP-2 and tiny open_clip on the CPU, seeded, single process.
+"""Pretrain the toy world's tiny BLIP-2, tiny open_clip and (``--llava``) tiny LLaVA on the CPU, seeded.
 
-    python scripts/pretrain_toyworld.py                       # writes myvlm/toyworld/checkpoints
+    python scripts/pretrain_toyworld.py --llava               # writes myvlm/toyworld/checkpoints
     python scripts/pretrain_toyworld.py --out /tmp/tw --vision-steps 100 --language-steps 100 --clip-steps 50
 
-Measured (2 threads, idle 2-core machine): ``--llava`` (all three models) 28.4 min before the LLaVA's
-placement objectives (data 1.3, BLIP-2 vision 2.3 and language 8.2, CLIP 4.4, LLaVA vision 2.8 and language
-9.4); the LLaVA language stage now takes 10.4 min, so about 29.7 min. ``--llava`` adds the tiny LLaVA (its
-own vision and language stages on the same scenes); a rerun writes byte-identical weights.
+The three models are independent parts, pretrained ``--jobs`` at a time, each in a child process of this
+script with ``--threads`` torch threads. One thread is the default: on these tiny models a second thread in
+one process hardly helps, while two one-thread processes get about 1.3x the work of one two-thread process
+done on two cores. Children get
+``OMP_WAIT_POLICY=PASSIVE`` (with more threads than cores, spinning OpenMP threads starve the other
+processes). The weights depend on ``--threads`` and ``--seed``, not on ``--jobs``: ``--jobs 1`` (one part
+after another in this process) writes the same bytes. ``--llava`` on an idle 2-core machine: 24.8 min with
+all three at once (the default), 27.3 min with ``--jobs 2`` (see the README).
 
-Writes ``<out>/blip2`` (loads with ``myvlm.load_backbone``), ``<out>/clip.safetensors`` and
-``<out>/pretrain_report.json`` (losses, wall times and the captioner's accuracy on fresh scenes).
+Writes ``<out>/blip2`` and ``<out>/llava`` (load with ``myvlm.load_backbone``), ``<out>/clip.safetensors``
+and ``<out>/pretrain_report.json`` (losses, wall times and the captioners' accuracy on fresh scenes).
 """
 
 from __future__ import annotations
@@ -17,7 +21,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import subprocess
+import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
@@ -31,6 +39,7 @@ from myvlm.toyworld.pretrain import (
 )
 
 logger = logging.getLogger("pretrain_toyworld")
+PARTS = ("blip2", "llava", "clip")  # longest first: --jobs starts them in this order
 
 
 def parse_args() -> argparse.Namespace:
@@ -48,7 +57,8 @@ def parse_args() -> argparse.Namespace:
                         help="open_clip image pooling: class token (shipped) or mean of the patch tokens")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--eval-n", type=int, default=300, help="fresh scenes for the accuracy report")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads per process; the weights depend on it (shipped: 1)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vision-lr-scale", type=float, default=0.2, help="ViT tuning in the language stage (0 = frozen)")
     parser.add_argument("--naming", type=float, default=0.5, help="fraction of scenes with the naming prior (0 = off)")
@@ -75,7 +85,22 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--skip-clip", action="store_true")
     parser.add_argument("--skip-blip2", action="store_true")
     parser.add_argument("--llava", action="store_true", help="also pretrain the tiny LLaVA")
-    return parser.parse_args()
+    parser.add_argument("--jobs", type=int, default=len(PARTS),
+                        help="parts (BLIP-2, LLaVA, CLIP) pretrained at a time, in child processes (default: all); "
+                             "1 = one after another in this process. Does not change the weights")
+    parser.add_argument("--only", choices=PARTS, help="pretrain this part alone (what --jobs runs in each child)")
+    parser.add_argument("--report", type=Path, help="where to write the report (default <out>/pretrain_report.json)")
+    args = parser.parse_args()
+    if args.jobs < 1:
+        parser.error("--jobs must be at least 1")
+    return args
+
+
+def selected_parts(args) -> list[str]:
+    if args.only:
+        return [args.only]
+    wanted = {"blip2": not args.skip_blip2, "llava": args.llava, "clip": not args.skip_clip}
+    return [part for part in PARTS if wanted[part]]
 
 
 def curve(losses: list[float], every: int = 50) -> list[float]:
@@ -171,26 +196,74 @@ def pretrain_llava(args, data, held_out, report: dict) -> None:
                 report["llava_vqa_accuracy"])
 
 
-def main() -> None:
-    args = parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+def run_in_process(args, parts: list[str]) -> dict:
+    """The parts one after another; the BLIP-2 and the LLaVA share the rendered scenes."""
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     report, started = {"args": {k: str(v) for k, v in vars(args).items()}, "seconds": {}}, time.perf_counter()
-    args.out.mkdir(parents=True, exist_ok=True)
     data = held_out = None
-    if not args.skip_blip2 or args.llava:
+    if "blip2" in parts or "llava" in parts:
         data = make_data(args.n_train, args.seed, Blip2Sizes().patch_size, others=1.0)
         held_out = make_data(400, args.seed + 99, Blip2Sizes().patch_size, others=1.0)  # second photos: prior_slots
         report["seconds"]["data"] = round(time.perf_counter() - started, 1)
-    if not args.skip_blip2:
+    if "blip2" in parts:
         pretrain_blip2(args, data, held_out, report)
-    if not args.skip_clip:
+    if "clip" in parts:
         pretrain_clip(args, report)
-    if args.llava:
+    if "llava" in parts:
         pretrain_llava(args, data, held_out, report)
     report["seconds"]["total"] = round(time.perf_counter() - started, 1)
-    (args.out / "pretrain_report.json").write_text(json.dumps(report, indent=1) + "\n")
+    return report
+
+
+def run_part(args, part: str) -> dict:
+    """This script with ``--only part`` in a child process; its log lines are relayed prefixed with the part."""
+    report_path = args.out / f".pretrain_report_{part}.json"
+    command = [sys.executable, str(Path(__file__).resolve()), *sys.argv[1:], "--only", part, "--jobs", "1",
+               "--report", str(report_path)]
+    env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    logger.info("%s: started, its log lines are prefixed [%s]", part, part)
+    with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as child:
+        for line in child.stdout:
+            sys.stderr.write(f"[{part}] {line}")
+    if child.returncode != 0:
+        raise RuntimeError(f"pretraining the {part} failed (exit {child.returncode}); its log is above, prefixed [{part}]")
+    report = json.loads(report_path.read_text())
+    report_path.unlink()
+    return report
+
+
+def run_in_children(args, parts: list[str]) -> dict:
+    """``args.jobs`` parts at a time; a failed part does not stop the others (their weights are kept)."""
+    started = time.perf_counter()
+    report = {"args": {k: str(v) for k, v in vars(args).items()}, "seconds": {}}
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        futures = {part: pool.submit(run_part, args, part) for part in parts}
+    failed = []
+    for part, future in futures.items():
+        if future.exception() is not None:
+            logger.error("%s", future.exception())
+            failed.append(part)
+            continue
+        part_report = future.result()
+        report["seconds"][part] = part_report.pop("seconds")
+        report.update({k: v for k, v in part_report.items() if k != "args"})
+    if failed:
+        raise SystemExit(f"pretraining failed for {', '.join(failed)}; the other parts' weights are in {args.out}")
+    report["seconds"]["total"] = round(time.perf_counter() - started, 1)
+    return report
+
+
+def main() -> None:
+    args = parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    args.out.mkdir(parents=True, exist_ok=True)
+    parts = selected_parts(args)
+    if not parts:
+        raise SystemExit("nothing to pretrain: every part is skipped")
+    concurrent = args.jobs > 1 and len(parts) > 1
+    report = run_in_children(args, parts) if concurrent else run_in_process(args, parts)
+    (args.report or args.out / "pretrain_report.json").write_text(json.dumps(report, indent=1) + "\n")
     logger.info("wall times: %s", report["seconds"])
 
 

@@ -190,8 +190,8 @@ def test_shipped_blip2_captions_fresh_scenes(toy_backbone):
     from myvlm.toyworld.evaluate import caption_accuracy
 
     summary = caption_accuracy(toy_backbone, n=30, seed=123)["summary"]
-    # measured on 300 fresh scenes: background 98%, count 94%, relation 63%, category 52% (chance 25%);
-    # on these 30: background 100%, count 97%, relation 60%, category 51%
+    # measured on 300 fresh scenes: background 100%, count 96%, relation 71%, category 55% (chance 25%);
+    # on these 30: background 100%, count 97%, relation 93%, category 49%
     assert summary["background"] >= 0.9 and summary["count"] >= 0.8 and summary["relation"] >= 0.6, summary
     assert summary["category"] >= 0.4, summary
 
@@ -207,8 +207,8 @@ def test_personalization_recalls_the_concept(toy_backbone, tmp_path):
     trained = personalize_concept(toy_backbone, concept, 0, cfg)
     sets = evaluation_sets(concept, cfg)
     metrics, _ = measure(toy_backbone, concept, trained, sets)
-    # measured: the embedding alone names it in 8/8 (94% over the 36-run test benchmark); the head fires on
-    # 5/8 (this concept is the head's hardest: 95% over the test benchmark) and on no negative, recall 5/8
+    # measured: the embedding alone names it in 8/8 (93% over the 36-run test benchmark); the head fires on
+    # 5/8 (this concept is the head's hardest; 95% over the test benchmark) and on no negative, recall 5/8
     assert metrics["oracle_recall"] >= 0.85, metrics
     assert metrics["recall"] >= 0.6 and metrics["recall"] >= metrics["positive_head"] - 0.125, metrics
     assert metrics["negative_identifier"] <= 0.1, metrics
@@ -247,14 +247,16 @@ def test_shipped_llava_captions_and_answers(toy_llava):
     from myvlm.toyworld.evaluate import caption_accuracy, vqa_accuracy
 
     summary = caption_accuracy(toy_llava, n=30, seed=123)["summary"]
-    # measured on 300 fresh scenes: category 88%, look 88%, background 97%, count 96%; VQA 92%
+    # measured on 300 fresh scenes: category 83%, look 82%, background 97%, count 96%; VQA 94%
+    # (on these 30: category 83%, background 90%, count 93%; VQA 97%)
     assert summary["category"] >= 0.7 and summary["background"] >= 0.85 and summary["count"] >= 0.8, summary
     assert vqa_accuracy(toy_llava, n=30, seed=321)["all"] >= 0.75
 
 
 def test_llava_personalization_answers_questions_about_the_concept(toy_llava):
     """The fast LLaVA benchmark: with the concept embedding (head forced on), the identifier is named in
-    captions and questions about it are answered (measured: 99% recall, 98% VQA over 12 test concepts)."""
+    captions and questions about it are answered (measured here: recall 6/6, VQA 6/6 vs 3/6 frozen; over the
+    36-run test benchmark the embedding alone names it in 97%, and VQA is 93.5% with the head)."""
     from myvlm.toyworld.bench import BenchConfig, evaluation_sets, measure, personalize_concept
 
     concept = CONCEPTS[6]
@@ -267,25 +269,48 @@ def test_llava_personalization_answers_questions_about_the_concept(toy_llava):
 
 
 def test_pretraining_is_deterministic(tmp_path):
-    """Two runs of the pretraining script (a few steps of every stage) write bit-identical weights."""
+    """Two runs of the pretraining script (a few steps of every stage) write bit-identical weights, whether
+    the three parts run one after another in one process (--jobs 1) or two at a time in children (--jobs 2)."""
+    import json
     import subprocess
     import sys
 
     from safetensors.torch import load_file
 
-    def run(out):
+    def run(out, jobs):
         subprocess.run([sys.executable, "scripts/pretrain_toyworld.py", "--out", str(out), "--n-train", "64",
                         "--vision-steps", "3", "--language-steps", "3", "--clip-steps", "2", "--batch-size", "8",
                         "--eval-n", "4", "--threads", "1", "--llava", "--llava-vision-steps", "2",
-                        "--llava-language-steps", "2"], check=True, capture_output=True,
+                        "--llava-language-steps", "2", "--jobs", str(jobs)], check=True, capture_output=True,
                        cwd=Path(__file__).resolve().parents[1])
         return {name: load_file(str(out / name)) for name in ("blip2/model.safetensors", "clip.safetensors",
                                                               "llava/model.safetensors")}
 
-    first, second = run(tmp_path / "a"), run(tmp_path / "b")
+    first, second = run(tmp_path / "a", jobs=1), run(tmp_path / "b", jobs=2)
     for name, tensors in first.items():
         assert tensors.keys() == second[name].keys()
         assert all(torch.equal(tensors[k], second[name][k]) for k in tensors), name
+    merged = json.loads((tmp_path / "b" / "pretrain_report.json").read_text())  # the children's reports, merged
+    assert {"blip2_caption_accuracy", "llava_caption_accuracy", "clip_loss"} <= merged.keys()
+    assert set(merged["seconds"]) == {"blip2", "llava", "clip", "total"}
+    assert sorted(path.name for path in (tmp_path / "b").iterdir()) == [
+        "blip2", "clip.safetensors", "llava", "pretrain_report.json"]  # no part reports left behind
+
+
+def test_pretraining_reports_a_failed_part_and_keeps_the_others(tmp_path):
+    """--jobs 2 with a part that fails (a BLIP-2 Q-Former dropout above 1): the script exits non-zero naming
+    the part, and the part that succeeded (the CLIP) has written its weights."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "scripts/pretrain_toyworld.py", "--out", str(tmp_path), "--n-train", "24",
+                             "--clip-steps", "1", "--clip-batch", "8", "--eval-n", "2", "--threads", "1",
+                             "--jobs", "2", "--qformer-dropout", "2"],
+                            capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode != 0
+    assert "pretraining failed for blip2" in result.stderr
+    assert "[blip2]" in result.stderr and "dropout" in result.stderr  # the child's own error, relayed
+    assert (tmp_path / "clip.safetensors").exists() and not (tmp_path / "blip2").exists()
 
 
 def test_concept_slot_checks_where_the_identifier_stands():
