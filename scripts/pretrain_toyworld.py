@@ -234,7 +234,8 @@ def run_part(args, part: str) -> dict:
 
 
 def run_in_children(args, parts: list[str]) -> dict:
-    """``args.jobs`` parts at a time; a failed part does not stop the others (their weights are kept)."""
+    """``args.jobs`` parts at a time; a failed part does not stop the others (their weights and report are
+    kept) and is listed under ``failed`` in the report."""
     started = time.perf_counter()
     report = {"args": {k: str(v) for k, v in vars(args).items()}, "seconds": {}}
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
@@ -249,7 +250,7 @@ def run_in_children(args, parts: list[str]) -> dict:
         report["seconds"][part] = part_report.pop("seconds")
         report.update({k: v for k, v in part_report.items() if k != "args"})
     if failed:
-        raise SystemExit(f"pretraining failed for {', '.join(failed)}; the other parts' weights are in {args.out}")
+        report["failed"] = failed
     report["seconds"]["total"] = round(time.perf_counter() - started, 1)
     return report
 
@@ -265,6 +266,9 @@ def main() -> None:
     report = run_in_children(args, parts) if concurrent else run_in_process(args, parts)
     (args.report or args.out / "pretrain_report.json").write_text(json.dumps(report, indent=1) + "\n")
     logger.info("wall times: %s", report["seconds"])
+    if report.get("failed"):
+        raise SystemExit(f"pretraining failed for {', '.join(report['failed'])}; the other parts' weights and "
+                         f"report are in {args.out}")
 
 
 if __name__ == "__main__":

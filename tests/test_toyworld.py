@@ -299,7 +299,9 @@ def test_pretraining_is_deterministic(tmp_path):
 
 def test_pretraining_reports_a_failed_part_and_keeps_the_others(tmp_path):
     """--jobs 2 with a part that fails (a BLIP-2 Q-Former dropout above 1): the script exits non-zero naming
-    the part, and the part that succeeded (the CLIP) has written its weights."""
+    the part, and the part that succeeded (the CLIP) has written its weights and its report."""
+    import json
+
     import subprocess
     import sys
 
@@ -311,6 +313,8 @@ def test_pretraining_reports_a_failed_part_and_keeps_the_others(tmp_path):
     assert "pretraining failed for blip2" in result.stderr
     assert "[blip2]" in result.stderr and "dropout" in result.stderr  # the child's own error, relayed
     assert (tmp_path / "clip.safetensors").exists() and not (tmp_path / "blip2").exists()
+    report = json.loads((tmp_path / "pretrain_report.json").read_text())
+    assert report["failed"] == ["blip2"] and "clip_loss" in report and "blip2_caption_accuracy" not in report
 
 
 def test_concept_slot_checks_where_the_identifier_stands():
