@@ -6,11 +6,12 @@
 The three models are independent parts, pretrained ``--jobs`` at a time, each in a child process of this
 script with ``--threads`` torch threads. One thread is the default: on these tiny models a second thread in
 one process hardly helps, while two one-thread processes get about 1.3x the work of one two-thread process
-done on two cores. Children get
-``OMP_WAIT_POLICY=PASSIVE`` (with more threads than cores, spinning OpenMP threads starve the other
-processes). The weights depend on ``--threads`` and ``--seed``, not on ``--jobs``: ``--jobs 1`` (one part
-after another in this process) writes the same bytes. ``--llava`` on an idle 2-core machine: 24.8 min with
-all three at once (the default), 27.3 min with ``--jobs 2`` (see the README).
+done on two cores. Children get ``OMP_WAIT_POLICY=PASSIVE`` (with more threads than cores, spinning OpenMP
+threads starve the other processes). The weights depend on ``--threads`` and ``--seed``, not on ``--jobs``:
+``--jobs 1`` (one part after another in this process) writes the same bytes. A part that fails does not stop
+the others: they finish and keep their weights and report, and the script exits non-zero naming it.
+``--llava`` on an idle 2-core machine: 24.8 min with all three at once (the default),
+27.3 min with ``--jobs 2`` (see the README).
 
 Writes ``<out>/blip2`` and ``<out>/llava`` (load with ``myvlm.load_backbone``), ``<out>/clip.safetensors``
 and ``<out>/pretrain_report.json`` (losses, wall times and the captioners' accuracy on fresh scenes).
@@ -72,6 +73,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--named-weight", type=float, default=1.0,
                         help="BLIP-2: --llava-named-weight for the BLIP-2 (1 = off)")
     parser.add_argument("--qformer-dropout", type=float, default=0.1, help="BLIP-2 Q-Former dropout (Blip2Sizes)")
+    parser.add_argument("--queries", type=int, default=Blip2Sizes().num_query_tokens,
+                        help="BLIP-2 learned queries, the image tokens its LM sees (Blip2Sizes)")
     parser.add_argument("--llava-same-photo", type=float, default=0.2, help="--same-photo for the LLaVA")
     parser.add_argument("--llava-locate", type=float, default=0.3,
                         help="LLaVA: weight of the naming prior's locate objective (ObjectLocator: find the object "
@@ -127,7 +130,7 @@ def save(model, processor, folder: Path) -> None:
 
 
 def pretrain_blip2(args, data, held_out, report: dict) -> None:
-    model, processor = new_blip2(Blip2Sizes(qformer_dropout=args.qformer_dropout), seed=args.seed)
+    model, processor = new_blip2(Blip2Sizes(qformer_dropout=args.qformer_dropout, num_query_tokens=args.queries), seed=args.seed)
     heads = {}
 
     def vision(cfg):
