@@ -61,7 +61,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads per process; the weights depend on it (shipped: 1)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--vision-lr-scale", type=float, default=0.2, help="ViT tuning in the language stage (0 = frozen)")
+    parser.add_argument("--vision-lr-scale", type=float, default=1.0,
+                        help="BLIP-2: the ViT's learning rate in the language stage, times the stage's (0 = frozen)")
     parser.add_argument("--naming", type=float, default=0.5, help="fraction of scenes with the naming prior (0 = off)")
     parser.add_argument("--same-photo", type=float, default=0.5,
                         help="naming prior: fraction of its tokens taken from the scene itself (the rest from another "
