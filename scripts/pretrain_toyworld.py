@@ -10,7 +10,7 @@ done on two cores. Children get ``OMP_WAIT_POLICY=PASSIVE`` (with more threads t
 threads starve the other processes). The weights depend on ``--threads`` and ``--seed``, not on ``--jobs``:
 ``--jobs 1`` (one part after another in this process) writes the same bytes. A part that fails does not stop
 the others: they finish and keep their weights and report, and the script exits non-zero naming it.
-``--llava`` on an idle 2-core machine: 24.8 min with all three at once (the default),
+``--llava`` on an idle 2-core machine: 25.1 min with all three at once (the default),
 27.3 min with ``--jobs 2`` (see the README).
 
 Writes ``<out>/blip2`` and ``<out>/llava`` (load with ``myvlm.load_backbone``), ``<out>/clip.safetensors``
