@@ -73,6 +73,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--locate-layer", type=int, default=1, help="the OPT decoder layer the BLIP-2 locator reads")
     parser.add_argument("--named-weight", type=float, default=1.0,
                         help="BLIP-2: --llava-named-weight for the BLIP-2 (1 = off)")
+    parser.add_argument("--slots", type=float, default=0.25,
+                        help="BLIP-2: weight of the query slots objective (the first queries name the caption's "
+                             "objects' attributes, in its order); 0 = off")
     parser.add_argument("--qformer-dropout", type=float, default=0.1, help="BLIP-2 Q-Former dropout (Blip2Sizes)")
     parser.add_argument("--queries", type=int, default=Blip2Sizes().num_query_tokens,
                         help="BLIP-2 learned queries, the image tokens its LM sees (Blip2Sizes)")
@@ -84,6 +87,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--llava-named-weight", type=float, default=5.0,
                         help="LLaVA, naming prior: caption weight of the scenes with several objects where one is "
                              "renamed (placement_weights; 1 = off)")
+    parser.add_argument("--llava-vision-lr-scale", type=float, default=0.0,
+                        help="LLaVA: --vision-lr-scale for the LLaVA's vision tower (0 = frozen)")
     parser.add_argument("--llava-vision-steps", type=int, default=2500)
     parser.add_argument("--llava-language-steps", type=int, default=2500)
     parser.add_argument("--skip-clip", action="store_true")
@@ -145,7 +150,8 @@ def pretrain_blip2(args, data, held_out, report: dict) -> None:
          lambda cfg: train_language(model, processor, data, cfg, heads.get("vision"), args.vision_lr_scale,
                                      args.naming, same_photo=args.same_photo, held_out=held_out,
                                      placement=report.setdefault("blip2_prior_placement", {}),
-                                     locate=args.locate, locate_layer=args.locate_layer, named_weight=args.named_weight)),
+                                     locate=args.locate, locate_layer=args.locate_layer, named_weight=args.named_weight,
+                                     slots=args.slots)),
     ))
     save(model, processor, args.out / "blip2")
     t = time.perf_counter()
@@ -177,10 +183,11 @@ def pretrain_llava(args, data, held_out, report: dict) -> None:
     from myvlm import BackboneConfig, load_backbone
 
     model, processor = new_llava(LlavaSizes(), seed=args.seed)
+    heads = {}
 
     def vision(cfg):
-        losses, heads = train_vision(model.model.vision_tower, data, cfg, held_out)
-        report["llava_vision_accuracy"] = vision_accuracy(model.model.vision_tower, heads, held_out)
+        losses, heads["vision"] = train_vision(model.model.vision_tower, data, cfg, held_out)
+        report["llava_vision_accuracy"] = vision_accuracy(model.model.vision_tower, heads["vision"], held_out)
         return losses
 
     run_stages(args, report, (
@@ -188,7 +195,8 @@ def pretrain_llava(args, data, held_out, report: dict) -> None:
         ("llava_language", args.llava_language_steps,
          lambda cfg: train_llava_language(model, processor, data, cfg, args.naming, args.llava_same_photo,
                                           args.llava_locate, args.llava_locate_layer, held_out, args.llava_named_weight,
-                                          report.setdefault("llava_prior_placement", {}))),
+                                          report.setdefault("llava_prior_placement", {}), heads.get("vision"),
+                                          args.llava_vision_lr_scale)),
     ))
     save(model, processor, args.out / "llava")
     t = time.perf_counter()

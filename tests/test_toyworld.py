@@ -447,3 +447,29 @@ def test_blip2_locator_reads_the_first_text_state(toy_backbone):
     assert set(placement) == {"same_photo", "other_photo"}  # measured at the end of the stage, whatever its length
     assert all(np.isfinite(placed))
     assert placed[0] > plain[0] + 0.3 * 0.5  # the locator's loss (about log 16 patches at the start) is in the sum
+
+
+def test_query_slots_name_the_objects_in_caption_order():
+    """The BLIP-2's query slots: slot k's targets are the caption's k-th object; an object the naming prior
+    renamed carries the prior's name (only its token can tell it), the others keep their own labels."""
+    from myvlm.toyworld.pretrain import NAME_FIELD, NamingPrior, _object_labels, slot_labels
+    from myvlm.toyworld.scenes import parse_caption
+
+    data = make_data(30, seed=2, others=1.0)
+    idx = np.arange(30)
+    prior = NamingPrior(8, 1.0, seed=0)
+    plans = [prior.plan(data, int(i)) for i in idx]
+    labels = slot_labels(data, idx, plans)
+    renamed = [i for i, (_, name) in enumerate(plans) if name >= 0]
+    assert renamed and len(renamed) < 30  # objects with a name of their own are never renamed
+    for i, (scene, name) in enumerate(plans):
+        objects = data.scenes[i].objects
+        phrases = parse_caption(caption(scene))["objects"]
+        assert len(phrases) == len(objects) and (labels[i, len(objects):] == -1).all()
+        for k, obj in enumerate(objects):
+            expected = _object_labels(obj)
+            if name >= 0 and k == data.other_object[i]:
+                expected[NAME_FIELD] = name + 1
+                assert phrases[k] == NAMES[name]  # the caption's k-th phrase is that object, by the prior's name
+            assert labels[i, k].tolist() == expected
+    assert torch.equal(slot_labels(data, idx), torch.from_numpy(data.objects))  # no prior: the scenes' own labels

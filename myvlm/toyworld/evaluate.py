@@ -1,7 +1,7 @@
 """Measuring the toy world's models: base caption accuracy on fresh scenes.
 
     from myvlm.toyworld.evaluate import caption_accuracy
-    caption_accuracy(toyworld_blip2(), n=300)   # {"summary": {"exact": ..., "category": ...}, "examples": [...]}
+    caption_accuracy(toyworld_blip2(), n=300)   # {"summary": {"exact": ..., "category": ...}, "by_count": ...}
 """
 
 from __future__ import annotations
@@ -29,7 +29,9 @@ def caption_accuracy(backbone: Union[str, Path, Any], n: int = 300, seed: int = 
     for start in range(0, n, batch_size):
         predictions += backbone.generate([render(s) for s in scenes[start : start + batch_size]])
     rows = [caption_scores(p, t) for p, t in zip(predictions, truths)]
-    return {"summary": summarise(rows), "n": n,
+    counts = sorted({len(s.objects) for s in scenes})
+    by_count = {f"{k} objects": summarise([r for r, s in zip(rows, scenes) if len(s.objects) == k]) for k in counts}
+    return {"summary": summarise(rows), "n": n, "by_count": by_count,
             "examples": [{"truth": t, "predicted": p} for t, p in list(zip(truths, predictions))[:10]]}
 
 

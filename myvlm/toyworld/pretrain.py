@@ -1,13 +1,13 @@
 """Pretraining the toy world's tiny models on the CPU: data, the stages, the caption metrics.
 
-    python scripts/pretrain_toyworld.py            # writes myvlm/toyworld/checkpoints (2 threads)
+    python scripts/pretrain_toyworld.py --llava    # writes myvlm/toyworld/checkpoints (one thread per model)
 
 Stage 1 (vision): the ViT (16-px patches) learns objects: the mean of an object's patch tokens
 predicts its category, look, size and name (``ObjectHeads``). Stage 2 (language): queries, Q-Former,
-projection and OPT learn to caption, with the ``NamingPrior`` on part of the scenes; the ViT is tuned
-at a fifth of the learning rate with its object objective kept (frozen, the captions lost background
-and relation: 82% / 67%). The tiny LLaVA gets its own vision stage and a language stage of captions and
-questions with the same prior. Last, a tiny open_clip learns (image, full description) pairs, an
+projection and OPT learn to caption, with the ``NamingPrior`` on part of the scenes and the query slots
+(the first queries each name one of the caption's objects: ``slot_labels``); the ViT is tuned too, with its
+object objective kept (frozen, the captions lost background and relation: 82% / 67%). The tiny LLaVA gets
+its own vision stage and a language stage of captions and questions with the same prior. Last, a tiny open_clip learns (image, full description) pairs, an
 inventory of the objects and instance pairs, for the concept heads.
 Every stage is seeded and runs single-process, so a rerun gives the same weights.
 """
@@ -41,6 +41,7 @@ LOOKS = list(COLOURS) + list(PATTERNS)  # what a caption says about an object
 # or scene labels (background, relation, count from the class token) did not speed up shapes (43-44% vs
 # 43%), and random flips slowed them (40.5%); the captions teach the scene labels anyway.
 OBJECT_FIELDS = {"category": len(CATEGORIES), "look": len(LOOKS), "size": len(SIZES), "name": len(NAMES) + 1}
+NAME_FIELD = list(OBJECT_FIELDS).index("name")  # 0: not a named object, else NAMES index + 1
 MAX_OBJECTS = 3
 CONCEPT_KEYS = frozenset(c.appearance.key() for c in CONCEPTS)
 
@@ -196,13 +197,20 @@ class ObjectHeads(nn.Module):
 
     def logits(self, patches: torch.Tensor, cover: torch.Tensor) -> dict[str, torch.Tensor]:
         """``patches``: (B, N, D) patch tokens (no class token); ``cover``: (B, K, N)."""
-        pooled = pool(patches, cover)  # (B, K, D)
-        return {k: head(pooled) for k, head in self.objects.items()}
+        return self.read(pool(patches, cover))
+
+    def read(self, states: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every field's logits from one state per object: (B, K, D) -> {field: (B, K, classes)}."""
+        return {k: head(states) for k, head in self.objects.items()}
 
     def loss(self, patches: torch.Tensor, cover: torch.Tensor, objects: torch.Tensor) -> torch.Tensor:
         """``objects``: (B, K, fields) labels, -1 where absent / not applicable."""
-        total = patches.new_zeros(())
-        for j, logits in enumerate(self.logits(patches, cover).values()):
+        return self.read_loss(pool(patches, cover), objects)
+
+    def read_loss(self, states: torch.Tensor, objects: torch.Tensor) -> torch.Tensor:
+        """``loss`` from one state per object (B, K, D), e.g. already pooled."""
+        total = states.new_zeros(())
+        for j, logits in enumerate(self.read(states).values()):
             labels = objects[..., j]
             if bool((labels >= 0).any()):
                 total = total + F.cross_entropy(logits[labels >= 0], labels[labels >= 0])
@@ -350,11 +358,23 @@ class NamingPrior(nn.Module):
         return args, kwargs
 
 
+def slot_labels(data: WorldData, idx: np.ndarray, plans: Optional[list[tuple[Scene, int]]] = None) -> torch.Tensor:
+    """(B, MAX_OBJECTS, fields) targets of the query slots: each object's labels in the caption's order; an object
+    the naming prior renamed (``plans``, from ``NamingPrior.plan``) carries the prior's name, which only its token
+    can tell."""
+    labels = torch.from_numpy(data.objects[idx].copy())
+    for row, (i, (_, name)) in enumerate(zip(idx, plans or [])):
+        if name >= 0:
+            labels[row, data.other_object[i], NAME_FIELD] = name + 1
+    return labels
+
+
 def train_language(model, processor, data: WorldData, cfg: StageConfig, heads: Optional[ObjectHeads] = None,
                    vision_lr_scale: float = 0.0, naming: float = 0.0,
                    evaluate: Optional[Callable[[], str]] = None, same_photo: float = 0.5,
                    held_out: Optional[WorldData] = None, placement: Optional[dict] = None,
-                   locate: float = 0.0, locate_layer: int = 1, named_weight: float = 1.0) -> list[float]:
+                   locate: float = 0.0, locate_layer: int = 1, named_weight: float = 1.0,
+                   slots: float = 0.0) -> list[float]:
     """Queries, Q-Former, projection and OPT learn to caption; with ``vision_lr_scale`` > 0 the ViT is tuned
     too (at that fraction of the learning rate), its object objective (``heads``) kept as an auxiliary loss;
     ``naming`` > 0 adds the NamingPrior to that fraction of the scenes that have a second photo. With
@@ -363,7 +383,9 @@ def train_language(model, processor, data: WorldData, cfg: StageConfig, heads: O
     ``ObjectLocator`` read from OPT's state at the caption's first token after decoder layer ``locate_layer``
     (``blip2_locator``: the first state that has read every query); ``named_weight``: ``placement_weights``.
     Both are off by default: on the BLIP-2 (README) the locator found the token's object in 45% (the LLaVA's:
-    97%), the prior's name never landed in its object's place, and the base captions lost names (39% -> 14%)."""
+    97%), the prior's name never landed in its object's place, and the base captions lost names (39% -> 14%).
+    ``slots`` > 0 weighs the query slots: the first queries' Q-Former outputs, one per object in the caption's
+    order, predict that object's category, look, size and name (linear ``ObjectHeads``, discarded after)."""
     trainable = [model.query_tokens, *model.qformer.parameters(), *model.language_projection.parameters(),
                  *model.language_model.parameters()]
     prior = NamingPrior(model.config.vision_config.hidden_size, naming, cfg.seed, same_photo) if naming > 0 else None
@@ -372,6 +394,9 @@ def train_language(model, processor, data: WorldData, cfg: StageConfig, heads: O
     tune_vision = vision_lr_scale > 0 and heads is not None
     if tune_vision:
         groups.append({"params": [*model.vision_model.parameters(), *heads.parameters()], "lr_scale": vision_lr_scale})
+    slot_heads = ObjectHeads(model.config.qformer_config.hidden_size) if slots > 0 else None
+    if slot_heads is not None:
+        groups[0]["params"] += list(slot_heads.parameters())
     for group in groups:
         for p in group["params"]:
             p.requires_grad_(True)
@@ -410,12 +435,18 @@ def train_language(model, processor, data: WorldData, cfg: StageConfig, heads: O
                 named_loss.append((per_sample[named].mean().item(), per_sample[~named].mean().item()))
         if locator is not None:
             loss = loss + locate * locate_step(locator, prior, data, idx, located)
+        if slot_heads is not None:  # query k reads the caption's k-th object (scene.objects is in caption order)
+            queries = out.qformer_outputs.last_hidden_state[:, :MAX_OBJECTS]
+            slot_loss = slot_heads.read_loss(queries, slot_labels(data, idx, plans if prior is not None else None))
+            slot_losses.append(slot_loss.item())
+            loss = loss + slots * slot_loss
         if tune_vision:
             tokens = out.vision_outputs.last_hidden_state  # (B, 1+G*G, D), the tokens the Q-Former read
             loss = loss + 0.5 * heads.loss(tokens[:, 1:], *_tensors(data, idx))
         return loss
 
     named_loss: list[tuple[float, float]] = []
+    slot_losses: list[float] = []
     placement = {} if placement is None else placement
 
     def report() -> str:
@@ -423,6 +454,7 @@ def train_language(model, processor, data: WorldData, cfg: StageConfig, heads: O
         extra = evaluate() if evaluate else ""
         named, others = recent.mean(axis=0)
         where = f", the token's object located (other photo) {np.mean(located[-100:]):.3f}" if located else ""
+        where += f", query slots' loss {np.mean(slot_losses[-100:]):.3f}" if slot_losses else ""
         return f"loss per token, captions naming an object {named:.3f} vs others {others:.3f}{where} {extra}"
 
     def finish() -> str:  # a few hundred captions with the prior's token: ~15 s
@@ -885,11 +917,14 @@ def prior_slots(model: nn.Module, prior: "NamingPrior", caption: Callable, patch
 def train_llava_language(model, processor, data: WorldData, cfg: StageConfig, naming: float = 0.0,
                          same_photo: float = 0.5, locate: float = 0.0, locate_layer: int = 1,
                          held_out: Optional[WorldData] = None, named_weight: float = 1.0,
-                         placement: Optional[dict] = None) -> list[float]:
+                         placement: Optional[dict] = None, heads: Optional[ObjectHeads] = None,
+                         vision_lr_scale: float = 0.0) -> list[float]:
     """Projector + Llama learn captions and answers through the backbone's own batch builder; ``naming`` > 0
     adds the NamingPrior, its token inserted by the backbone's concept slots at the projector input;
     ``locate`` > 0 weighs the ``ObjectLocator`` objective (read after decoder layer ``locate_layer``);
-    ``named_weight``: see ``placement_weights``; ``held_out``, ``placement``: as in ``train_language``."""
+    ``named_weight``: see ``placement_weights``; ``held_out``, ``placement``: as in ``train_language``.
+    ``vision_lr_scale`` > 0 (with the vision stage's ``heads``): the vision tower is tuned too, at that fraction
+    of the learning rate, its object objective kept, as the BLIP-2's is in ``train_language``."""
     from PIL import Image
 
     from myvlm.backbones.llava import LlavaBackbone
@@ -911,6 +946,13 @@ def train_llava_language(model, processor, data: WorldData, cfg: StageConfig, na
 
     locator = llava_slot_locator(backbone, locate_layer, data.cover.shape[-1]) if locate > 0 and naming > 0 else None
     located: list[float] = []
+    tune_vision = vision_lr_scale > 0 and heads is not None
+    seen: dict[str, torch.Tensor] = {}  # the vision tower's tokens of this batch, for its object objective
+    watch = vision.register_forward_hook(lambda module, args, out: seen.update(tokens=out.last_hidden_state)) \
+        if tune_vision else None
+    if tune_vision:
+        vision.requires_grad_(True).train()
+        heads.requires_grad_(True)
 
     def loss_fn(idx: np.ndarray) -> torch.Tensor:
         plans = [prior.plan(data, int(i)) for i in idx]
@@ -922,6 +964,8 @@ def train_llava_language(model, processor, data: WorldData, cfg: StageConfig, na
             per_sample = backbone.sequence_loss(batch)  # (B,)
         weights = placement_weights(plans, named_weight)
         loss = per_sample.mean() if weights is None else (per_sample * weights).sum() / weights.sum()
+        if tune_vision:
+            loss = loss + 0.5 * heads.loss(seen.pop("tokens")[:, 1:], *_tensors(data, idx))
         return loss + locate * locate_step(locator, prior, data, idx, located) if locator is not None else loss
 
     def captions_with_token(images: list, names: list[int]) -> list[str]:
@@ -936,12 +980,17 @@ def train_llava_language(model, processor, data: WorldData, cfg: StageConfig, na
 
     injector = PriorInjector(backbone, prior)
     extra = list(locator.parameters()) if locator is not None else []
+    params = trainable + list(prior.parameters()) + extra
+    if tune_vision:
+        params = [{"params": params}, {"params": [*vision.parameters(), *heads.parameters()], "lr_scale": vision_lr_scale}]
     try:
         with injector:
-            losses = run_stage(trainable + list(prior.parameters()) + extra, loss_fn, len(data.captions), cfg,
-                               "llava-language", evaluate=report, finish=finish)
+            losses = run_stage(params, loss_fn, len(data.captions), cfg, "llava-language", evaluate=report,
+                               finish=finish)
     finally:
         if locator is not None:
             locator.remove()
+        if watch is not None:
+            watch.remove()
     model.requires_grad_(False).eval()
     return losses
