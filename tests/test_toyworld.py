@@ -189,11 +189,14 @@ def toy_backbone():
 def test_shipped_blip2_captions_fresh_scenes(toy_backbone):
     from myvlm.toyworld.evaluate import caption_accuracy
 
-    summary = caption_accuracy(toy_backbone, n=30, seed=123)["summary"]
-    # measured on 300 fresh scenes: background 100%, count 97%, relation 89%, category 59% (chance 25%);
-    # on these 30: background 100%, count 97%, relation 93%, category 49%
-    assert summary["background"] >= 0.9 and summary["count"] >= 0.8 and summary["relation"] >= 0.6, summary
-    assert summary["category"] >= 0.4, summary
+    report = caption_accuracy(toy_backbone, n=30, seed=123)
+    summary, several = report["summary"], report["by_count"]["2 objects"]
+    # measured on 300 fresh scenes: background 100%, count 98%, relation 86%, category 85% (chance 25%), look 86%,
+    # name 92%; two-object scenes category 84% (54% before the query slots). On these 30: background 100%, count
+    # 97%, relation 87%, category 85%, look 85%; two-object scenes: category 88%, look 88%
+    assert summary["background"] >= 0.9 and summary["count"] >= 0.85 and summary["relation"] >= 0.7, summary
+    assert summary["category"] >= 0.7 and summary["look"] >= 0.7, summary
+    assert several["category"] >= 0.7 and several["look"] >= 0.7, several
 
 
 def test_personalization_recalls_the_concept(toy_backbone, tmp_path):
@@ -207,8 +210,9 @@ def test_personalization_recalls_the_concept(toy_backbone, tmp_path):
     trained = personalize_concept(toy_backbone, concept, 0, cfg)
     sets = evaluation_sets(concept, cfg)
     metrics, _ = measure(toy_backbone, concept, trained, sets)
-    # measured: the embedding alone names it in 8/8 (96% over the 36-run test benchmark); the head fires on
+    # measured: the embedding alone names it in 8/8 (98% over the 36-run test benchmark); the head fires on
     # 5/8 (this concept is the head's hardest; 95% over the test benchmark) and on no negative, recall 5/8
+    # (4/8 with the augmentation's rotations, which TOY_TRAIN turns off for the BLIP-2)
     assert metrics["oracle_recall"] >= 0.85, metrics
     assert metrics["recall"] >= 0.6 and metrics["recall"] >= metrics["positive_head"] - 0.125, metrics
     assert metrics["negative_identifier"] <= 0.1, metrics

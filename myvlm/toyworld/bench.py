@@ -45,8 +45,13 @@ TOY_PROBE = {"crops": [[0.375, 0.125], [0.5, 0.25]], "threshold": 0.95,
 # the identifier lands in the concept's place in 64% of the photos with several objects (48% from a random
 # start at lr 1) and context is 70% vs 78% frozen (60% from a random start); recall 91% either way. The tiny
 # LLaVA was pretrained for this (the naming prior's ObjectLocator and placement_weights). BLIP-2 from its
-# look at lr 0.01 does not learn to say the identifier (recall 53%, 58% with the head forced on): the paper's.
-TOY_TRAIN = {"llava": {"init": "look", "lr": 0.01}}
+# look at lr 0.01 does not learn to say the identifier (recall 53%, 58% with the head forced on): the paper's
+# settings without the augmentation's rotations (up to 45 degrees, they turn what a toy caption calls "left of"
+# into "above"). With them, the vector learned from 4 captions put the identifier in the concept's place in 39%
+# of the photos with several objects, context 52% vs 82% frozen, recall 89%; without rotations 48%, 63% vs 82%,
+# 93%; without flips 43%, 53%, 88%; without both 41%, 63%, 92%. The LLaVA without both: 65% -> 64%, context
+# 72% vs 78% either way, so its augmentation is left as it is.
+TOY_TRAIN = {"llava": {"init": "look", "lr": 0.01}, "blip2": {"augment": {"rotation_degrees": 0.0}}}
 
 
 @dataclass
