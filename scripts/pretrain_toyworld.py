@@ -10,8 +10,8 @@ done on two cores. Children get ``OMP_WAIT_POLICY=PASSIVE`` (with more threads t
 threads starve the other processes). The weights depend on ``--threads`` and ``--seed``, not on ``--jobs``:
 ``--jobs 1`` (one part after another in this process) writes the same bytes. A part that fails does not stop
 the others: they finish and keep their weights and report, and the script exits non-zero naming it.
-``--llava`` on an idle 2-core machine: 25.1 min with all three at once (the default),
-27.3 min with ``--jobs 2`` (see the README).
+``--llava`` on an idle 2-core machine: 20.4-25.1 min with all three at once (the default; the VM's speed
+drifts), 27.3 min with ``--jobs 2`` (see the README).
 
 Writes ``<out>/blip2`` and ``<out>/llava`` (load with ``myvlm.load_backbone``), ``<out>/clip.safetensors``
 and ``<out>/pretrain_report.json`` (losses, wall times and the captioners' accuracy on fresh scenes).
