@@ -477,3 +477,36 @@ def test_query_slots_name_the_objects_in_caption_order():
                 assert phrases[k] == NAMES[name]  # the caption's k-th phrase is that object, by the prior's name
             assert labels[i, k].tolist() == expected
     assert torch.equal(slot_labels(data, idx), torch.from_numpy(data.objects))  # no prior: the scenes' own labels
+
+
+def test_toy_train_settings_merge_the_augmentation():
+    """The toy world's BLIP-2 trains without rotations; overriding another augmentation key keeps that."""
+    from myvlm.config import TrainConfig
+    from myvlm.toyworld.bench import toy_train
+
+    blip2 = TrainConfig.from_dict(toy_train("blip2", {"steps": 7, "augment": {"hflip_p": 0.0}}))
+    assert blip2.steps == 7 and blip2.augment.rotation_degrees == 0.0 and blip2.augment.hflip_p == 0.0
+    assert blip2.checkpoint_every == 0 and blip2.lr == TrainConfig().lr
+    llava = TrainConfig.from_dict(toy_train("llava"))
+    assert llava.init == "look" and llava.augment.rotation_degrees == TrainConfig().augment.rotation_degrees
+    rotated = TrainConfig.from_dict(toy_train("blip2", {"augment": {"rotation_degrees": 10.0}}))
+    assert rotated.augment.rotation_degrees == 10.0  # an explicit override wins
+
+
+def test_llava_language_stage_tunes_its_vit_only_when_asked():
+    """``train_llava_language``: the vision tower stays frozen by default and is tuned, with its object
+    objective, at ``vision_lr_scale``."""
+    from myvlm.toyworld.models import LlavaSizes, new_llava
+    from myvlm.toyworld.pretrain import ObjectHeads, StageConfig, train_llava_language
+
+    data = make_data(16, seed=3, others=1.0)
+    for scale in (0.0, 1.0):
+        model, processor = new_llava(LlavaSizes(text_layers=1, vision_layers=1), seed=0)
+        vision = model.model.vision_tower
+        before = [p.detach().clone() for p in vision.parameters()]
+        heads = ObjectHeads(vision.config.hidden_size)
+        losses = train_llava_language(model, processor, data, StageConfig(steps=2, batch_size=4), naming=0.5,
+                                      heads=heads, vision_lr_scale=scale)
+        changed = any(not torch.equal(a, b) for a, b in zip(before, vision.parameters()))
+        assert changed == (scale > 0) and len(losses) == 2 and all(np.isfinite(losses))
+        assert not any(p.requires_grad for p in model.parameters())  # frozen again afterwards

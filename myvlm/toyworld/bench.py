@@ -54,6 +54,14 @@ TOY_PROBE = {"crops": [[0.375, 0.125], [0.5, 0.25]], "threshold": 0.95,
 TOY_TRAIN = {"llava": {"init": "look", "lr": 0.01}, "blip2": {"augment": {"rotation_degrees": 0.0}}}
 
 
+def toy_train(backbone_type: str, overrides: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """The TrainConfig dict of a toy-world personalization: ``TOY_TRAIN`` for the backbone type, then
+    ``overrides`` (``augment`` merged key by key, so that overriding the flips keeps the rotations off)."""
+    base, overrides = TOY_TRAIN.get(backbone_type, {}), dict(overrides or {})
+    augment = {**base.get("augment", {}), **overrides.pop("augment", {})}
+    return {"checkpoint_every": 0, **base, **overrides, **({"augment": augment} if augment else {})}
+
+
 @dataclass
 class BenchConfig:
     """One benchmark setting; ``train`` goes to ``personalize`` as a TrainConfig dict."""
@@ -153,7 +161,7 @@ def personalize_concept(backbone, concept: PersonalConcept, split: int, cfg: Ben
         captions=[[target_caption(scene)] for _, scene in photos], class_word=concept.class_word,
         backbone=backbone, negatives=head_negatives(concept, cfg.head_negatives),
         head=toy_head(cfg.probe, cfg.head, cfg.clip),
-        train={"checkpoint_every": 0, **TOY_TRAIN.get(backbone.backbone_type, {}), **cfg.train}, progress=progress,
+        train=toy_train(backbone.backbone_type, cfg.train), progress=progress,
         task=cfg.task, questions=questions,
     )
 

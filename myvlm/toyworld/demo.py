@@ -7,7 +7,7 @@
 It loads the shipped pretrained tiny BLIP-2 and tiny open_clip (``myvlm/toyworld/checkpoints``),
 writes 4 photos of one personal concept (a toy the base vocabulary has no word for) with their
 captions in the reference layout (``data/<concept>/captions.json``) plus head negatives, fits the
-concept head and trains the concept embedding (the benchmark's: ``TOY_TRAIN``), then captions unseen photos
+concept head and trains the concept embedding (the benchmark's settings: ``toy_train``), then captions unseen photos
 of the toy, of a look-alike (same class, other pattern) and of an unrelated scene, before and
 after, and measures recall / false positives / context on 20 + 40 unseen images.
 """
@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from myvlm.toyworld.bench import (
-    TOY_TRAIN, TRAIN_PHOTOS, BenchConfig, evaluation_sets, head_negatives, measure, toy_head,
+    TRAIN_PHOTOS, BenchConfig, evaluation_sets, head_negatives, measure, toy_head, toy_train,
 )
 from myvlm.toyworld.concepts import BY_NAME, concept_photos, target_caption
 
@@ -84,7 +84,7 @@ def run_toyworld_demo(workdir: Union[str, Path, None] = None, concept: str = DEF
             [im for im, _ in photos], concept, identifier=toy.identifier,
             captions=[[target_caption(s)] for _, s in photos], class_word=toy.class_word, backbone=backbone,
             negatives=negatives, head=toy_head(),
-            train={**TOY_TRAIN.get(backbone.backbone_type, {}), "steps": steps, "seed": seed, "checkpoint_every": 0},
+            train=toy_train(backbone.backbone_type, {"steps": steps, "seed": seed}),
             progress=progress, output_dir=report.workdir / "concepts" / concept if report.workdir else None,
             overwrite=True,
         )

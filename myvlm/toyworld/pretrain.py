@@ -983,7 +983,8 @@ def train_llava_language(model, processor, data: WorldData, cfg: StageConfig, na
     extra = list(locator.parameters()) if locator is not None else []
     params = trainable + list(prior.parameters()) + extra
     if tune_vision:
-        params = [{"params": params}, {"params": [*vision.parameters(), *heads.parameters()], "lr_scale": vision_lr_scale}]
+        tuned = [*vision.parameters(), *heads.parameters()]
+        params = [{"params": params}, {"params": tuned, "lr_scale": vision_lr_scale}]
     try:
         with injector:
             losses = run_stage(params, loss_fn, len(data.captions), cfg, "llava-language", evaluate=report,
