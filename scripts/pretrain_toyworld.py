@@ -136,7 +136,8 @@ def save(model, processor, folder: Path) -> None:
 
 
 def pretrain_blip2(args, data, held_out, report: dict) -> None:
-    model, processor = new_blip2(Blip2Sizes(qformer_dropout=args.qformer_dropout, num_query_tokens=args.queries), seed=args.seed)
+    sizes = Blip2Sizes(qformer_dropout=args.qformer_dropout, num_query_tokens=args.queries)
+    model, processor = new_blip2(sizes, seed=args.seed)
     heads = {}
 
     def vision(cfg):
@@ -208,11 +209,16 @@ def pretrain_llava(args, data, held_out, report: dict) -> None:
                 report["llava_vqa_accuracy"])
 
 
+def new_report(args) -> dict:
+    """The report's head: the arguments it was run with and an empty table of wall times."""
+    return {"args": {k: str(v) for k, v in vars(args).items()}, "seconds": {}}
+
+
 def run_in_process(args, parts: list[str]) -> dict:
     """The parts one after another; the BLIP-2 and the LLaVA share the rendered scenes."""
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    report, started = {"args": {k: str(v) for k, v in vars(args).items()}, "seconds": {}}, time.perf_counter()
+    report, started = new_report(args), time.perf_counter()
     data = held_out = None
     if "blip2" in parts or "llava" in parts:
         data = make_data(args.n_train, args.seed, Blip2Sizes().patch_size, others=1.0)
@@ -249,7 +255,7 @@ def run_in_children(args, parts: list[str]) -> dict:
     """``args.jobs`` parts at a time; a failed part does not stop the others (their weights and report are
     kept) and is listed under ``failed`` in the report."""
     started = time.perf_counter()
-    report = {"args": {k: str(v) for k, v in vars(args).items()}, "seconds": {}}
+    report = new_report(args)
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         futures = {part: pool.submit(run_part, args, part) for part in parts}
     failed = []

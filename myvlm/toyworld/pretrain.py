@@ -44,6 +44,7 @@ LOOKS = list(COLOURS) + list(PATTERNS)  # what a caption says about an object
 OBJECT_FIELDS = {"category": len(CATEGORIES), "look": len(LOOKS), "size": len(SIZES), "name": len(NAMES) + 1}
 NAME_FIELD = list(OBJECT_FIELDS).index("name")  # 0: not a named object, else NAMES index + 1
 MAX_OBJECTS = 3
+VISION_AUX_WEIGHT = 0.5  # the ViT's object objective beside the captions, when a language stage tunes it
 CONCEPT_KEYS = frozenset(c.appearance.key() for c in CONCEPTS)
 
 
@@ -443,7 +444,7 @@ def train_language(model, processor, data: WorldData, cfg: StageConfig, heads: O
             loss = loss + slots * slot_loss
         if tune_vision:
             tokens = out.vision_outputs.last_hidden_state  # (B, 1+G*G, D), the tokens the Q-Former read
-            loss = loss + 0.5 * heads.loss(tokens[:, 1:], *_tensors(data, idx))
+            loss = loss + VISION_AUX_WEIGHT * heads.loss(tokens[:, 1:], *_tensors(data, idx))
         return loss
 
     named_loss: list[tuple[float, float]] = []
@@ -966,7 +967,7 @@ def train_llava_language(model, processor, data: WorldData, cfg: StageConfig, na
         weights = placement_weights(plans, named_weight)
         loss = per_sample.mean() if weights is None else (per_sample * weights).sum() / weights.sum()
         if tune_vision:
-            loss = loss + 0.5 * heads.loss(seen.pop("tokens")[:, 1:], *_tensors(data, idx))
+            loss = loss + VISION_AUX_WEIGHT * heads.loss(seen.pop("tokens")[:, 1:], *_tensors(data, idx))
         return loss + locate * locate_step(locator, prior, data, idx, located) if locator is not None else loss
 
     def captions_with_token(images: list, names: list[int]) -> list[str]:
