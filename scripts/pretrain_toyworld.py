@@ -10,8 +10,8 @@ done on two cores. Children get ``OMP_WAIT_POLICY=PASSIVE`` (with more threads t
 threads starve the other processes). The weights depend on ``--threads`` and ``--seed``, not on ``--jobs``:
 ``--jobs 1`` (one part after another in this process) writes the same bytes. A part that fails does not stop
 the others: they finish and keep their weights and report, and the script exits non-zero naming it.
-``--llava`` on an idle 2-core machine: 20.4-25.1 min with all three at once (the default; the VM's speed
-drifts), 27.3 min with ``--jobs 2`` (see the README).
+``--llava`` on an idle 2-core machine: 23.4 min with all three at once (the default; 20.4-25.1 min before the
+LLaVA's ViT was tuned in its language stage, the VM's speed drifts), 27.3 min with ``--jobs 2`` (see the README).
 
 Writes ``<out>/blip2`` and ``<out>/llava`` (load with ``myvlm.load_backbone``), ``<out>/clip.safetensors``
 and ``<out>/pretrain_report.json`` (losses, wall times and the captioners' accuracy on fresh scenes).
@@ -87,7 +87,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--llava-named-weight", type=float, default=5.0,
                         help="LLaVA, naming prior: caption weight of the scenes with several objects where one is "
                              "renamed (placement_weights; 1 = off)")
-    parser.add_argument("--llava-vision-lr-scale", type=float, default=0.0,
+    parser.add_argument("--llava-vision-lr-scale", type=float, default=1.0,
                         help="LLaVA: --vision-lr-scale for the LLaVA's vision tower (0 = frozen)")
     parser.add_argument("--llava-vision-steps", type=int, default=2500)
     parser.add_argument("--llava-language-steps", type=int, default=2500)

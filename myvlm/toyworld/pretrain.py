@@ -7,7 +7,8 @@ predicts its category, look, size and name (``ObjectHeads``). Stage 2 (language)
 projection and OPT learn to caption, with the ``NamingPrior`` on part of the scenes and the query slots
 (the first queries each name one of the caption's objects: ``slot_labels``); the ViT is tuned too, with its
 object objective kept (frozen, the captions lost background and relation: 82% / 67%). The tiny LLaVA gets
-its own vision stage and a language stage of captions and questions with the same prior. Last, a tiny
+its own vision stage and a language stage of captions and questions with the same prior, its ViT tuned there
+too (the script's default; frozen, its captions were 83% / 82% right on category / look, tuned 89.5% / 85%). Last, a tiny
 open_clip learns (image, full description) pairs, an inventory of the objects and instance pairs, for the
 concept heads.
 Every stage is seeded and runs single-process, so a rerun gives the same weights.
