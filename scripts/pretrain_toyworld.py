@@ -41,6 +41,7 @@ from myvlm.toyworld.pretrain import (
 
 logger = logging.getLogger("pretrain_toyworld")
 PARTS = ("blip2", "llava", "clip")  # longest first: --jobs starts them in this order
+LANGUAGE_LR = 1e-3  # peak learning rate of the language stages (the vision stages take --vision-lr)
 
 
 def parse_args() -> argparse.Namespace:
@@ -117,9 +118,9 @@ def curve(losses: list[float], every: int = 50) -> list[float]:
 
 
 def run_stages(args, report: dict, stages) -> None:
-    for name, steps, stage in stages:
+    """``stages``: (name, steps, peak learning rate, stage); each stage's wall time and loss curve go to ``report``."""
+    for name, steps, lr, stage in stages:
         t = time.perf_counter()
-        lr = args.vision_lr if "vision" in name else 1e-3
         losses = stage(StageConfig(steps=steps, batch_size=args.batch_size, lr=lr, seed=args.seed))
         report["seconds"][name] = round(time.perf_counter() - t, 1)
         report[f"{name}_loss"] = curve(losses)
@@ -146,8 +147,8 @@ def pretrain_blip2(args, data, held_out, report: dict) -> None:
         return losses
 
     run_stages(args, report, (
-        ("vision", args.vision_steps, vision),
-        ("language", args.language_steps,
+        ("vision", args.vision_steps, args.vision_lr, vision),
+        ("language", args.language_steps, LANGUAGE_LR,
          lambda cfg: train_language(model, processor, data, cfg, heads.get("vision"), args.vision_lr_scale,
                                      args.naming, same_photo=args.same_photo, held_out=held_out,
                                      placement=report.setdefault("blip2_prior_placement", {}),
@@ -192,8 +193,8 @@ def pretrain_llava(args, data, held_out, report: dict) -> None:
         return losses
 
     run_stages(args, report, (
-        ("llava_vision", args.llava_vision_steps, vision),
-        ("llava_language", args.llava_language_steps,
+        ("llava_vision", args.llava_vision_steps, args.vision_lr, vision),
+        ("llava_language", args.llava_language_steps, LANGUAGE_LR,
          lambda cfg: train_llava_language(model, processor, data, cfg, args.naming, args.llava_same_photo,
                                           args.llava_locate, args.llava_locate_layer, held_out, args.llava_named_weight,
                                           report.setdefault("llava_prior_placement", {}), heads.get("vision"),
