@@ -9,9 +9,10 @@ crop it learned from each photo), the whole photo otherwise. A token that looks 
 lets the model tell *which* object it names; a random start has to find that look in a few
 steps (measured on the toy world, ``myvlm.toyworld``: README, "Context, diagnosed").
 
-Boxes are fractions ``(left, top, right, bottom)`` of the image as the backbone's processor sees it
-(exact for processors that resize without cropping, like BLIP-2's; approximate for centre-cropping
-ones on photos that are not square).
+Boxes are fractions ``(left, top, right, bottom)`` of the photo. ``seen_box`` maps them to what the
+backbone's processor passes on: the same box where it resizes the whole photo (BLIP-2's), the part inside
+the crop where it resizes the shortest edge and crops the centre (CLIP's, LLaVA-1.5's: a wide photo loses
+its sides).
 """
 
 from __future__ import annotations
@@ -78,9 +79,32 @@ def box_mask(tokens: int, box: Box) -> Optional[torch.Tensor]:
     return mask
 
 
+def seen_box(processor: Any, box: Box, size: tuple[int, int]) -> Optional[Box]:
+    """``box`` (fractions of a photo of ``size`` = (width, height)) as fractions of the image ``processor`` passes
+    to the vision encoder; None when the box lies wholly outside it (cropped away)."""
+    images = getattr(processor, "image_processor", processor)
+    shortest = (getattr(images, "size", None) or {}).get("shortest_edge")
+    crop = getattr(images, "crop_size", None) or {}
+    if not getattr(images, "do_center_crop", False) or not shortest or not crop:
+        return box  # the whole photo is resized: fractions are kept
+    width, height = size
+    scale = shortest / min(width, height)  # resized so that the shortest edge is `shortest` pixels
+    crop_w, crop_h = crop["width"], crop["height"]
+    left0, top0 = (width * scale - crop_w) / 2, (height * scale - crop_h) / 2  # the crop's corner, resized pixels
+
+    def inside(value: float, extent: float, offset: float, side: float) -> float:
+        return min(max((value * extent * scale - offset) / side, 0.0), 1.0)
+
+    left, top, right, bottom = box
+    seen = (inside(left, width, left0, crop_w), inside(top, height, top0, crop_h),
+            inside(right, width, left0, crop_w), inside(bottom, height, top0, crop_h))
+    return seen if seen[2] > seen[0] and seen[3] > seen[1] else None
+
+
 def look_vector(backbone: "Backbone", images: Sequence[Image.Image],
                 boxes: Optional[Sequence[Box]] = None) -> torch.Tensor:
-    """(D,): the mean over ``images`` of each image's mean token inside its box (None: whole images)."""
+    """(D,): the mean over ``images`` of each image's mean token inside its box (fractions of the photo;
+    None: whole images)."""
     if not images:
         raise ValueError("look_vector needs at least one image")
     boxes = list(boxes) if boxes is not None else [WHOLE] * len(images)
@@ -88,8 +112,12 @@ def look_vector(backbone: "Backbone", images: Sequence[Image.Image],
         raise ValueError(f"{len(boxes)} boxes for {len(images)} images")
     tokens = image_tokens(backbone, images)  # (B, T, D)
     means = []
-    for row, box in zip(tokens, boxes):
-        mask = box_mask(row.shape[0], box)
+    for row, box, image in zip(tokens, boxes, images):
+        seen = seen_box(backbone.processor, box, image.size)
+        if seen is None:
+            logger.warning("the concept's box %s in a %dx%d photo is cropped away by the processor: its look is "
+                           "taken from the whole image", box, *image.size)
+        mask = box_mask(row.shape[0], seen or WHOLE)
         if mask is None:
             logger.warning("image tokens (%d) are not a square grid: the look is their mean over the whole image",
                            row.shape[0])
@@ -116,4 +144,4 @@ def head_boxes(head: Any, images: Sequence[Image.Image]) -> list[Box]:
     return boxes
 
 
-__all__ = ["look_vector", "head_boxes", "image_tokens", "box_mask"]
+__all__ = ["look_vector", "head_boxes", "image_tokens", "box_mask", "seen_box"]

@@ -8,7 +8,7 @@ import torch
 import myvlm
 from myvlm.config import TrainConfig
 from myvlm.heads import AlwaysOnHead
-from myvlm.look import WHOLE, box_mask, head_boxes, image_tokens, look_vector
+from myvlm.look import WHOLE, box_mask, head_boxes, image_tokens, look_vector, seen_box
 
 from conftest import random_image
 
@@ -41,6 +41,18 @@ def test_image_tokens_are_the_encoder_output_the_qformer_reads(backbone):
     torch.testing.assert_close(half, top.mean(dim=(1, 2)).mean(dim=0))
     with pytest.raises(ValueError, match="boxes"):
         look_vector(backbone, images, [WHOLE])
+
+
+def test_seen_box_follows_the_processors_centre_crop(backbone):
+    from transformers import CLIPImageProcessor
+
+    clip = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    wide = (200, 100)  # resized to 64 x 32, then the middle 32 x 32: x from 50 to 150 of the photo
+    assert seen_box(clip, (0.25, 0.0, 0.75, 1.0), wide) == (0.0, 0.0, 1.0, 1.0)
+    assert seen_box(clip, (0.5, 0.5, 1.0, 1.0), wide) == (0.5, 0.5, 1.0, 1.0)  # the right half is cut at 150
+    assert seen_box(clip, (0.0, 0.0, 0.2, 1.0), wide) is None  # x 0-40: cropped away
+    assert seen_box(clip, (0.0, 0.25, 0.5, 0.75), (100, 100)) == (0.0, 0.25, 0.5, 0.75)  # square: nothing cropped
+    assert seen_box(backbone.processor, (0.0, 0.0, 0.2, 1.0), wide) == (0.0, 0.0, 0.2, 1.0)  # BLIP-2 resizes it all
 
 
 def test_head_boxes_follow_the_crops_the_head_learned():
