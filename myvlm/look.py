@@ -83,13 +83,13 @@ def seen_box(processor: Any, box: Box, size: tuple[int, int]) -> Optional[Box]:
     """``box`` (fractions of a photo of ``size`` = (width, height)) as fractions of the image ``processor`` passes
     to the vision encoder; None when the box lies wholly outside it (cropped away)."""
     images = getattr(processor, "image_processor", processor)
-    shortest = (getattr(images, "size", None) or {}).get("shortest_edge")
-    crop = getattr(images, "crop_size", None) or {}
-    if not getattr(images, "do_center_crop", False) or not shortest or not crop:
+    resize, crop = getattr(images, "size", None), getattr(images, "crop_size", None)
+    shortest = resize.get("shortest_edge") if hasattr(resize, "get") else None
+    crop_w, crop_h = (crop.get("width"), crop.get("height")) if hasattr(crop, "get") else (None, None)
+    if not getattr(images, "do_center_crop", False) or not (shortest and crop_w and crop_h):
         return box  # the whole photo is resized: fractions are kept
     width, height = size
     scale = shortest / min(width, height)  # resized so that the shortest edge is `shortest` pixels
-    crop_w, crop_h = crop["width"], crop["height"]
     left0, top0 = (width * scale - crop_w) / 2, (height * scale - crop_h) / 2  # the crop's corner, resized pixels
 
     def inside(value: float, extent: float, offset: float, side: float) -> float:
