@@ -77,6 +77,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--slots", type=float, default=0.25,
                         help="BLIP-2: weight of the query slots objective (the first queries name the caption's "
                              "objects' attributes, in its order); 0 = off")
+    parser.add_argument("--name-noise", type=float, default=0.0,
+                        help="BLIP-2, naming prior: a fresh random direction of this relative norm added to each "
+                             "token's name vector in training (0 = off)")
     parser.add_argument("--qformer-dropout", type=float, default=0.1, help="BLIP-2 Q-Former dropout (Blip2Sizes)")
     parser.add_argument("--queries", type=int, default=Blip2Sizes().num_query_tokens,
                         help="BLIP-2 learned queries, the image tokens its LM sees (Blip2Sizes)")
@@ -153,7 +156,7 @@ def pretrain_blip2(args, data, held_out, report: dict) -> None:
                                      args.naming, same_photo=args.same_photo, held_out=held_out,
                                      placement=report.setdefault("blip2_prior_placement", {}),
                                      locate=args.locate, locate_layer=args.locate_layer, named_weight=args.named_weight,
-                                     slots=args.slots)),
+                                     slots=args.slots, name_noise=args.name_noise)),
     ))
     save(model, processor, args.out / "blip2")
     t = time.perf_counter()

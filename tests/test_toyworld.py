@@ -380,6 +380,32 @@ def test_placement_weights_and_prior_slot_accuracy():
     assert 0.0 < score < 1.0 and prior.names is None
 
 
+def test_naming_prior_name_noise_only_in_training():
+    """``name_noise``: each training forward draws a fresh direction into the name part of the token (same
+    norm, image-token scale); in eval mode, and with no noise, the token is the plain look + name."""
+    from myvlm.toyworld.pretrain import NamingPrior
+
+    data = make_data(20, seed=3, others=1.0)
+    idx = np.arange(20)
+    features = lambda pixels: torch.randn(len(pixels), 16, 8, generator=torch.Generator().manual_seed(0))  # noqa: E731
+    image_tokens = torch.full((20, 16, 8), 0.5)
+    tokens = {}
+    for noise in (0.0, 1.0):
+        torch.manual_seed(0)  # the same name table
+        prior = NamingPrior(8, 1.0, seed=0, name_noise=noise)
+        names = [prior.plan(data, int(i))[1] for i in idx]
+        prior.prepare(features, data, idx, names)
+        tokens[noise] = [prior.tokens(image_tokens), prior.tokens(image_tokens), prior.eval().tokens(image_tokens)]
+    chosen = torch.tensor(names) >= 0
+    assert chosen.any() and (~chosen).any()
+    plain, noisy = tokens[0.0], tokens[1.0]
+    assert torch.equal(plain[0], plain[1]) and torch.equal(plain[0], plain[2])
+    assert not torch.allclose(noisy[0][chosen], noisy[1][chosen])  # fresh noise per forward
+    assert torch.allclose(noisy[2], plain[0])  # eval: no noise
+    assert torch.allclose(noisy[0].norm(dim=-1)[chosen], image_tokens.norm(dim=-1).mean(1)[chosen])
+    assert (noisy[0][~chosen] == 0).all()
+
+
 def test_llava_locator_reads_the_concept_slot(toy_llava):
     """The locate objective reads the LLM's hidden state at the concept slot, after the chosen layer."""
     from PIL import Image

@@ -268,6 +268,36 @@ def vision_accuracy(vision: nn.Module, heads: ObjectHeads, data: WorldData) -> d
 # ---- stage 2: Q-Former + language model -------------------------------------------------------
 
 
+class TunedVision:
+    """A vision tower tuned in a language stage: its parameters (and the object heads') form an optimizer
+    group at ``lr_scale`` times the stage's learning rate, and its object objective stays on as an auxiliary
+    loss, read from the tokens of the stage's own forward (a forward hook: the last call before ``loss``).
+    ``remove()`` takes the hook off."""
+
+    def __init__(self, vision: nn.Module, heads: ObjectHeads, lr_scale: float):
+        self.vision, self.heads, self.lr_scale = vision, heads, lr_scale
+        self.tokens: Optional[torch.Tensor] = None
+        vision.requires_grad_(True).train()
+        heads.requires_grad_(True)
+        self.handle = vision.register_forward_hook(self._record)
+
+    def _record(self, module: nn.Module, args: tuple, output) -> None:
+        self.tokens = output.last_hidden_state  # (B, 1+G*G, D), class token first
+
+    def group(self) -> dict:
+        return {"params": [*self.vision.parameters(), *self.heads.parameters()], "lr_scale": self.lr_scale}
+
+    def loss(self, data: WorldData, idx: np.ndarray) -> torch.Tensor:
+        """The weighted object objective on the last forward's patch tokens."""
+        if self.tokens is None:
+            raise RuntimeError("the vision tower has not run since the last loss")
+        tokens, self.tokens = self.tokens, None
+        return VISION_AUX_WEIGHT * self.heads.loss(tokens[:, 1:], *_tensors(data, idx))
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+
 def caption_batch(tokenizer, num_queries: int, image_token: int, texts: list[str]) -> dict[str, torch.Tensor]:
     """[<image> x Q] </s> caption </s>, labels on caption + EOS (what Blip2Backbone.prepare_batch builds)."""
     tokenizer.padding_side = "right"
@@ -298,7 +328,8 @@ class NamingPrior(nn.Module):
     the scenes' named objects and half of the looks from the photo itself, the gap closed (0.05 nats).
     """
 
-    def __init__(self, width: int, probability: float, seed: int, same_photo: float = 0.5):
+    def __init__(self, width: int, probability: float, seed: int, same_photo: float = 0.5,
+                 name_noise: float = 0.0):
         super().__init__()
         self.table = nn.Parameter(torch.randn(len(NAMES), width))  # (names, D)
         self.probability = probability  # fraction of the scenes with a second photo that get a name
@@ -307,6 +338,10 @@ class NamingPrior(nn.Module):
         self.names: Optional[torch.Tensor] = None  # (B,) name index or -1, for the next forward
         self.features: Optional[torch.Tensor] = None  # (B, D) the renamed object's look (this or another photo)
         self.from_other: Optional[torch.Tensor] = None  # (B,) bool: that look comes from another photo
+        # in training, each token's name vector gets a fresh random direction of this norm (relative to the
+        # unit name vector): the name must be read from the name part, and nothing else in it may steer where
+        self.name_noise = name_noise
+        self.noise = torch.Generator().manual_seed(seed + 3)
 
     def plan(self, data: WorldData, i: int) -> tuple[Scene, int]:
         """(scene ``i`` as the targets describe it, name index or -1): with a name, one object carries it."""
@@ -345,6 +380,9 @@ class NamingPrior(nn.Module):
         chosen = (self.names >= 0).float()[:, None]  # (B, 1)
         look = F.normalize(self.features, dim=-1)
         name = F.normalize(self.table[self.names.clamp(min=0)], dim=-1)
+        if self.name_noise > 0 and self.training:
+            fresh = torch.randn(name.shape, generator=self.noise)
+            name = F.normalize(name + self.name_noise * F.normalize(fresh, dim=-1), dim=-1)
         token = F.normalize(look + name, dim=-1) * image_tokens.detach().norm(dim=-1).mean(dim=1, keepdim=True)
         return (token * chosen).to(image_tokens.dtype)
 
@@ -377,7 +415,7 @@ def train_language(model, processor, data: WorldData, cfg: StageConfig, heads: O
                    evaluate: Optional[Callable[[], str]] = None, same_photo: float = 0.5,
                    held_out: Optional[WorldData] = None, placement: Optional[dict] = None,
                    locate: float = 0.0, locate_layer: int = 1, named_weight: float = 1.0,
-                   slots: float = 0.0) -> list[float]:
+                   slots: float = 0.0, name_noise: float = 0.0) -> list[float]:
     """Queries, Q-Former, projection and OPT learn to caption; with ``vision_lr_scale`` > 0 the ViT is tuned
     too (at that fraction of the learning rate), its object objective (``heads``) kept as an auxiliary loss;
     ``naming`` > 0 adds the NamingPrior to that fraction of the scenes that have a second photo. With
@@ -388,22 +426,25 @@ def train_language(model, processor, data: WorldData, cfg: StageConfig, heads: O
     Both are off by default: on the BLIP-2 (README) the locator found the token's object in 45% (the LLaVA's:
     97%), the prior's name never landed in its object's place, and the base captions lost names (39% -> 14%).
     ``slots`` > 0 weighs the query slots: the first queries' Q-Former outputs, one per object in the caption's
-    order, predict that object's category, look, size and name (linear ``ObjectHeads``, discarded after)."""
+    order, predict that object's category, look, size and name (linear ``ObjectHeads``, discarded after).
+    ``name_noise``: ``NamingPrior``'s."""
     trainable = [model.query_tokens, *model.qformer.parameters(), *model.language_projection.parameters(),
                  *model.language_model.parameters()]
-    prior = NamingPrior(model.config.vision_config.hidden_size, naming, cfg.seed, same_photo) if naming > 0 else None
+    prior = NamingPrior(model.config.vision_config.hidden_size, naming, cfg.seed, same_photo,
+                        name_noise) if naming > 0 else None
     groups = [{"params": trainable + (list(prior.parameters()) if prior else [])}]
     handle = model.qformer.register_forward_pre_hook(prior.hook, with_kwargs=True) if prior else None
-    tune_vision = vision_lr_scale > 0 and heads is not None
-    if tune_vision:
-        groups.append({"params": [*model.vision_model.parameters(), *heads.parameters()], "lr_scale": vision_lr_scale})
+    tuned = TunedVision(model.vision_model, heads, vision_lr_scale) if vision_lr_scale > 0 and heads is not None \
+        else None
+    if tuned is not None:
+        groups.append(tuned.group())
     slot_heads = ObjectHeads(model.config.qformer_config.hidden_size) if slots > 0 else None
     if slot_heads is not None:
         groups[0]["params"] += list(slot_heads.parameters())
     for group in groups:
         for p in group["params"]:
             p.requires_grad_(True)
-    model.vision_model.train(tune_vision)
+    model.vision_model.train(tuned is not None)
     model.qformer.train()
     model.language_model.train()
     norm = PixelNormaliser()
@@ -443,9 +484,8 @@ def train_language(model, processor, data: WorldData, cfg: StageConfig, heads: O
             slot_loss = slot_heads.read_loss(queries, slot_labels(data, idx, plans if prior is not None else None))
             slot_losses.append(slot_loss.item())
             loss = loss + slots * slot_loss
-        if tune_vision:
-            tokens = out.vision_outputs.last_hidden_state  # (B, 1+G*G, D), the tokens the Q-Former read
-            loss = loss + VISION_AUX_WEIGHT * heads.loss(tokens[:, 1:], *_tensors(data, idx))
+        if tuned is not None:
+            loss = loss + tuned.loss(data, idx)
         return loss
 
     named_loss: list[tuple[float, float]] = []
@@ -477,6 +517,8 @@ def train_language(model, processor, data: WorldData, cfg: StageConfig, heads: O
             handle.remove()
         if locator is not None:
             locator.remove()
+        if tuned is not None:
+            tuned.remove()
     model.requires_grad_(False).eval()
     return losses
 
@@ -905,8 +947,9 @@ def prior_slots(model: nn.Module, prior: "NamingPrior", caption: Callable, patch
     ``model`` is measured in eval mode (no dropout) on a forked RNG, so training goes on exactly as without it."""
     if held_out is None or not bool((held_out.other_object >= 0).any()):
         return ""
-    modes = {module: module.training for module in model.modules()}
+    modes = {module: module.training for module in [*model.modules(), prior]}
     model.eval()
+    prior.eval()  # its tokens without the training's name noise
     try:
         with torch.random.fork_rng():
             for key, same in (("same_photo", 1.0), ("other_photo", 0.0)):
@@ -949,13 +992,7 @@ def train_llava_language(model, processor, data: WorldData, cfg: StageConfig, na
 
     locator = llava_slot_locator(backbone, locate_layer, data.cover.shape[-1]) if locate > 0 and naming > 0 else None
     located: list[float] = []
-    tune_vision = vision_lr_scale > 0 and heads is not None
-    seen: dict[str, torch.Tensor] = {}  # the vision tower's tokens of this batch, for its object objective
-    watch = vision.register_forward_hook(lambda module, args, out: seen.update(tokens=out.last_hidden_state)) \
-        if tune_vision else None
-    if tune_vision:
-        vision.requires_grad_(True).train()
-        heads.requires_grad_(True)
+    tuned = TunedVision(vision, heads, vision_lr_scale) if vision_lr_scale > 0 and heads is not None else None
 
     def loss_fn(idx: np.ndarray) -> torch.Tensor:
         plans = [prior.plan(data, int(i)) for i in idx]
@@ -967,8 +1004,8 @@ def train_llava_language(model, processor, data: WorldData, cfg: StageConfig, na
             per_sample = backbone.sequence_loss(batch)  # (B,)
         weights = placement_weights(plans, named_weight)
         loss = per_sample.mean() if weights is None else (per_sample * weights).sum() / weights.sum()
-        if tune_vision:
-            loss = loss + VISION_AUX_WEIGHT * heads.loss(seen.pop("tokens")[:, 1:], *_tensors(data, idx))
+        if tuned is not None:
+            loss = loss + tuned.loss(data, idx)
         return loss + locate * locate_step(locator, prior, data, idx, located) if locator is not None else loss
 
     def captions_with_token(images: list, names: list[int]) -> list[str]:
@@ -984,9 +1021,8 @@ def train_llava_language(model, processor, data: WorldData, cfg: StageConfig, na
     injector = PriorInjector(backbone, prior)
     extra = list(locator.parameters()) if locator is not None else []
     params = trainable + list(prior.parameters()) + extra
-    if tune_vision:
-        tuned = [*vision.parameters(), *heads.parameters()]
-        params = [{"params": params}, {"params": tuned, "lr_scale": vision_lr_scale}]
+    if tuned is not None:
+        params = [{"params": params}, tuned.group()]
     try:
         with injector:
             losses = run_stage(params, loss_fn, len(data.captions), cfg, "llava-language", evaluate=report,
@@ -994,7 +1030,7 @@ def train_llava_language(model, processor, data: WorldData, cfg: StageConfig, na
     finally:
         if locator is not None:
             locator.remove()
-        if watch is not None:
-            watch.remove()
+        if tuned is not None:
+            tuned.remove()
     model.requires_grad_(False).eval()
     return losses
