@@ -155,16 +155,17 @@ def personalize(
         add_questions(examples, backbone, pairs)
     fitted = fit_head(head, kind, photos, negatives, head_kwargs, refit=fit_head_on_images)
 
-    start = None
-    if config.init == "look":
+    look = None
+    if config.init in ("look", "anchor"):
         from myvlm.look import head_boxes, look_vector
 
-        start = look_vector(backbone, photos, head_boxes(fitted, photos))[None]  # (1, D)
-    bank = ConceptBank([name], backbone.concept_dim, values=start, init_std=config.init_std, seed=config.seed)
+        look = look_vector(backbone, photos, head_boxes(fitted, photos))[None]  # (1, D)
+    bank = ConceptBank([name], backbone.concept_dim, values=look if config.init == "look" else None,
+                       init_std=config.init_std, seed=config.seed, anchors=look if config.init == "anchor" else None)
     run_dir = Path(output_dir).with_name(f".{Path(output_dir).name}.run") if output_dir else None
     result = train_concepts(backbone, bank, examples, config, output_dir=run_dir, progress=progress)
     concept = Concept(
-        name=name, identifier=identifier, kind=kind, embedding=bank.values.detach()[0].cpu(),
+        name=name, identifier=identifier, kind=kind, embedding=bank.token_values().detach()[0].cpu(),
         backbone=backbone.describe(), head=fitted, class_word=class_word,
         training={"config": asdict(config), "task": task, **result.summary(), "images": sources},
     )

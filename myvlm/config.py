@@ -39,7 +39,7 @@ class AugmentConfig:
     enabled: bool = True  # False = the training images are used as they are (ablation)
 
 
-INITS = ("random", "look")  # how a concept vector starts (TrainConfig.init)
+INITS = ("random", "look", "anchor")  # how a concept vector starts (TrainConfig.init)
 
 
 @dataclass
@@ -56,7 +56,8 @@ class TrainConfig:
     seed: int = 0  # seeds caption sampling, augmentation and the initial vector
     init_std: float = 1.0  # std of the random initial concept vector (it is norm-matched anyway)
     init: str = "random"  # personalize: "random", or "look": the mean image token over where the head found the concept
-    # in each photo (myvlm.look; with a small lr, e.g. 0.01, so that the vector stays near that look)
+    # in each photo (myvlm.look; with a small lr, e.g. 0.01, so that the vector stays near that look), or "anchor":
+    # that look fixed as the concept's anchor and a random vector learned beside it (ConceptBank anchors)
     prefetch: bool = True  # prepare the next batch on a background thread while the current step runs
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 

@@ -8,6 +8,9 @@
 
 Each active concept adds one token per sample. Its value is the concept vector
 L2-normalised and rescaled to the mean norm of that sample's image tokens (paper Eq. 3).
+An *anchored* concept (``ConceptBank(anchors=...)``) adds a fixed vector -- how the concept
+looks to the VLM, ``myvlm.look`` -- to its learned one, each normalised, before that; its
+``token_values()`` are what a saved concept keeps, so using it needs no anchor.
 Samples with fewer active concepts than others get masked padding slots; when no sample
 in a batch has an active concept the hooks change nothing at all. Concept state, gating
 and the attention penalty are all per sample, so several concepts can train in one batch.
@@ -31,10 +34,12 @@ ConceptRef = Union[int, str]
 
 
 class ConceptBank(nn.Module):
-    """C concept vectors of width D: ``values`` is the only trainable tensor of a personalization."""
+    """C concept vectors of width D: ``values`` is the only trainable tensor of a personalization.
+    ``anchors`` (C, D), optional and fixed: a concept's token is then its normalised anchor plus its normalised
+    vector (a zero row: no anchor for that concept)."""
 
     def __init__(self, names: Sequence[str], dim: int, values: Optional[torch.Tensor] = None, init_std: float = 1.0,
-                 seed: Optional[int] = None):
+                 seed: Optional[int] = None, anchors: Optional[torch.Tensor] = None):
         super().__init__()
         if len(set(names)) != len(names):
             raise ValueError(f"concept names must be unique, got {list(names)}")
@@ -45,6 +50,17 @@ class ConceptBank(nn.Module):
         if values.shape != (len(self.names), dim):
             raise ValueError(f"concept values have shape {tuple(values.shape)}, expected ({len(self.names)}, {dim})")
         self.values = nn.Parameter(values.detach().clone().float())  # (C, D), kept in fp32
+        if anchors is not None and anchors.shape != (len(self.names), dim):
+            raise ValueError(f"concept anchors have shape {tuple(anchors.shape)}, expected ({len(self.names)}, {dim})")
+        self.register_buffer("anchors", None if anchors is None else anchors.detach().clone().float())
+
+    def token_values(self) -> torch.Tensor:
+        """(C, D): the vectors the tokens are made of (normalised anchor + normalised vector where anchored)."""
+        if self.anchors is None:
+            return self.values
+        anchored = self.anchors.norm(dim=1, keepdim=True) > 0
+        combined = nn.functional.normalize(self.anchors, dim=1) + nn.functional.normalize(self.values, dim=1)
+        return torch.where(anchored, combined, self.values)
 
     @property
     def dim(self) -> int:
@@ -142,7 +158,7 @@ class ConceptInjector:
                 f"concepts were activated for {self._ids.shape[0]} samples but the batch has {image_tokens.shape[0]}"
             )
         ids, mask = self._ids.to(image_tokens.device), self._mask.to(image_tokens.device)
-        values = self.bank.values.to(image_tokens.device)[ids]  # (B, K, D), fp32
+        values = self.bank.token_values().to(image_tokens.device)[ids]  # (B, K, D), fp32
         target_norm = image_tokens.detach().float().norm(dim=-1).mean(dim=1)  # (B,) mean norm of the image tokens
         tokens = nn.functional.normalize(values, dim=-1) * target_norm[:, None, None]
         tokens = tokens * mask[..., None]  # padded slots carry zeros (they are masked out as well)

@@ -126,6 +126,8 @@ def save_checkpoint(folder: Path, step: int, bank: ConceptBank, optimizer: torch
     folder.mkdir(parents=True, exist_ok=True)
     state = optimizer.state.get(bank.values, {})
     tensors = {"values": bank.values.detach().cpu()}
+    if bank.anchors is not None:
+        tensors["anchors"] = bank.anchors.detach().cpu()
     for key in ("exp_avg", "exp_avg_sq"):
         if key in state:
             tensors[key] = state[key].detach().cpu()
@@ -145,9 +147,14 @@ def load_checkpoint(path: Union[str, Path], bank: ConceptBank, optimizer: torch.
     if meta.get("names", "").split(",") != bank.names:
         raise ValueError(f"checkpoint {path} holds concepts {meta.get('names')!r}, not {bank.names}")
     tensors = load_file(str(path))
+    if ("anchors" in tensors) != (bank.anchors is not None):
+        raise ValueError(f"checkpoint {path} {'holds' if 'anchors' in tensors else 'lacks'} concept anchors, "
+                         f"the bank {'lacks' if bank.anchors is None else 'holds'} them (another TrainConfig.init?)")
     step = int(meta["step"])
     with torch.no_grad():
         bank.values.copy_(tensors["values"])
+        if bank.anchors is not None:
+            bank.anchors.copy_(tensors["anchors"])
     if "exp_avg" in tensors:
         optimizer.state[bank.values] = {
             "step": torch.tensor(float(step)),

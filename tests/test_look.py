@@ -77,3 +77,39 @@ def test_personalize_starts_from_the_look(backbone, photos):
     assert not torch.allclose(random.embedding, concept.embedding)
     with pytest.raises(ValueError, match="init"):
         TrainConfig(init="zeros")
+
+
+def test_anchored_concept_keeps_its_look_and_saves_the_token_it_trained(backbone, photos):
+    """init="anchor": the look is fixed and a random vector learns beside it; the saved embedding is the
+    sum of both normalised, which gives the very tokens training saw, with no anchor needed to use it."""
+    import torch.nn.functional as F
+
+    from myvlm.injection import ConceptBank, ConceptInjector
+
+    look = F.normalize(look_vector(backbone, photos), dim=0)
+    start = myvlm.personalize(photos, name="thing", captions=CAPTIONS, backbone=backbone, head=AlwaysOnHead(),
+                              train={"steps": 0, "init": "anchor"}, progress=False)
+    seeded = ConceptBank(["thing"], backbone.concept_dim, seed=TrainConfig().seed).values[0]
+    torch.testing.assert_close(start.embedding, look + F.normalize(seeded, dim=0))
+    trained = myvlm.personalize(photos, name="thing", captions=CAPTIONS, backbone=backbone, head=AlwaysOnHead(),
+                                train={"steps": 3, "init": "anchor", "augment": {"enabled": False}}, progress=False)
+    learned = trained.embedding - look
+    assert not torch.allclose(trained.embedding, start.embedding)
+    torch.testing.assert_close(learned.norm(), torch.tensor(1.0))  # the look stayed, the unit vector moved
+
+    anchored = ConceptBank(["a", "b"], backbone.concept_dim, seed=1,
+                           anchors=torch.stack([look, torch.zeros_like(look)]))  # b: a zero row, no anchor
+    plain = ConceptBank(["a", "b"], backbone.concept_dim, values=anchored.token_values().detach())
+    torch.testing.assert_close(anchored.token_values()[1], anchored.values[1])
+    image_tokens = torch.randn(2, 5, backbone.concept_dim)
+    made = []
+    for bank in (anchored, plain):
+        injector = ConceptInjector(backbone, bank).attach()
+        try:
+            with injector.activate([["a"], ["b"]]):
+                made.append(injector.concept_tokens(image_tokens)[0])
+        finally:
+            injector.detach()
+    torch.testing.assert_close(made[0], made[1])
+    with pytest.raises(ValueError, match="anchors have shape"):
+        ConceptBank(["a"], backbone.concept_dim, anchors=torch.zeros(2, backbone.concept_dim))

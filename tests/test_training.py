@@ -50,6 +50,24 @@ def test_resume_continues_from_checkpoint(backbone, photos, tmp_path):
                        resume_from=tmp_path / "checkpoints" / "step_000004.safetensors")
 
 
+def test_resume_restores_an_anchored_bank(backbone, photos, tmp_path):
+    """An anchored concept's checkpoint holds its anchor too; resuming it into a bank without one fails."""
+    examples = make_examples(photos, CAPTIONS, name="dog", identifier="sks")
+    anchor = torch.randn(1, backbone.concept_dim)
+    bank = ConceptBank(["dog"], backbone.concept_dim, anchors=anchor)
+    train_concepts(backbone, bank, examples, TrainConfig(steps=2, checkpoint_every=2), output_dir=tmp_path,
+                   progress=False)
+    saved = tmp_path / "checkpoints" / "step_000002.safetensors"
+    resumed = ConceptBank(["dog"], backbone.concept_dim, anchors=torch.zeros(1, backbone.concept_dim))
+    result = train_concepts(backbone, resumed, examples, TrainConfig(steps=2), progress=False, resume_from=saved)
+    assert result.steps == 2 and not result.losses
+    torch.testing.assert_close(resumed.anchors, anchor)
+    torch.testing.assert_close(resumed.token_values(), bank.token_values())
+    with pytest.raises(ValueError, match="anchors"):
+        train_concepts(backbone, ConceptBank(["dog"], backbone.concept_dim), examples, TrainConfig(steps=2),
+                       progress=False, resume_from=saved)
+
+
 def test_interrupted_training_saves_its_state(backbone, photos, tmp_path, monkeypatch):
     examples = make_examples(photos, CAPTIONS, name="dog", identifier="sks")
     calls = {"n": 0}
