@@ -26,6 +26,7 @@ import os
 import subprocess
 import sys
 import time
+from typing import Optional
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
@@ -33,7 +34,9 @@ from pathlib import Path
 import torch
 
 from myvlm.toyworld.evaluate import caption_accuracy, vqa_accuracy
-from myvlm.toyworld.models import CHECKPOINTS, Blip2Sizes, LlavaSizes, new_blip2, new_llava
+from myvlm.toyworld.models import (
+    CHECKPOINTS, NAME_VECTORS, Blip2Sizes, LlavaSizes, new_blip2, new_llava, save_name_vectors,
+)
 from myvlm.toyworld.pretrain import (
     ClipObjectives, StageConfig, make_data, object_crops, object_pairs, train_clip, train_language,
     train_llava_language, train_vision, vision_accuracy,
@@ -57,6 +60,10 @@ def parse_args() -> argparse.Namespace:
                         help="CLIP stage objectives (ClipObjectives), e.g. objects=1 conjunctions=true look_alikes=1")
     parser.add_argument("--clip-pool", default="tok", choices=["tok", "avg"],
                         help="open_clip image pooling: class token (shipped) or mean of the patch tokens")
+    parser.add_argument("--details", type=float, default=0.0,
+                        help="BLIP-2 scenes: fraction of the patterned, unnamed objects given a rim or centre dot, as "
+                             "the CLIP's scenes and the personal concepts have (never a concept's look); 0 = none")
+    parser.add_argument("--llava-details", type=float, default=0.0, help="--details for the LLaVA's scenes")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--eval-n", type=int, default=300, help="fresh scenes for the accuracy report")
     parser.add_argument("--threads", type=int, default=1,
@@ -129,8 +136,12 @@ def run_stages(args, report: dict, stages) -> None:
         report[f"{name}_loss"] = curve(losses)
 
 
-def save(model, processor, folder: Path) -> None:
+def save(model, processor, folder: Path, name_vectors: Optional[dict] = None) -> None:
+    """The checkpoint folder ``myvlm.load_backbone`` reads; with the naming prior's name vectors
+    (``NAME_VECTORS``, for ``scripts/binding_ceiling.py``) where given."""
     folder.mkdir(parents=True, exist_ok=True)
+    if name_vectors:
+        save_name_vectors(name_vectors, folder / NAME_VECTORS)
     backend = getattr(processor.tokenizer, "_tokenizer", None)  # the fast tokenizer's Rust object
     if backend is not None:
         backend.no_padding()  # prior_slots generated captions (left padding); save the tokenizer as built
@@ -142,7 +153,7 @@ def save(model, processor, folder: Path) -> None:
 def pretrain_blip2(args, data, held_out, report: dict) -> None:
     sizes = Blip2Sizes(qformer_dropout=args.qformer_dropout, num_query_tokens=args.queries)
     model, processor = new_blip2(sizes, seed=args.seed)
-    heads = {}
+    heads, names = {}, {}
 
     def vision(cfg):
         losses, heads["vision"] = train_vision(model.vision_model, data, cfg, held_out)
@@ -156,9 +167,9 @@ def pretrain_blip2(args, data, held_out, report: dict) -> None:
                                      args.naming, same_photo=args.same_photo, held_out=held_out,
                                      placement=report.setdefault("blip2_prior_placement", {}),
                                      locate=args.locate, locate_layer=args.locate_layer, named_weight=args.named_weight,
-                                     slots=args.slots, name_noise=args.name_noise)),
+                                     slots=args.slots, name_noise=args.name_noise, name_vectors=names)),
     ))
-    save(model, processor, args.out / "blip2")
+    save(model, processor, args.out / "blip2", names)
     t = time.perf_counter()
     report["blip2_caption_accuracy"] = caption_accuracy(args.out / "blip2", args.eval_n, seed=10_000 + args.seed)
     report["seconds"]["blip2_eval"] = round(time.perf_counter() - t, 1)
@@ -188,7 +199,7 @@ def pretrain_llava(args, data, held_out, report: dict) -> None:
     from myvlm import BackboneConfig, load_backbone
 
     model, processor = new_llava(LlavaSizes(), seed=args.seed)
-    heads = {}
+    heads, names = {}, {}
 
     def vision(cfg):
         losses, heads["vision"] = train_vision(model.model.vision_tower, data, cfg, held_out)
@@ -201,9 +212,9 @@ def pretrain_llava(args, data, held_out, report: dict) -> None:
          lambda cfg: train_llava_language(model, processor, data, cfg, args.naming, args.llava_same_photo,
                                           args.llava_locate, args.llava_locate_layer, held_out, args.llava_named_weight,
                                           report.setdefault("llava_prior_placement", {}), heads.get("vision"),
-                                          args.llava_vision_lr_scale)),
+                                          args.llava_vision_lr_scale, names)),
     ))
-    save(model, processor, args.out / "llava")
+    save(model, processor, args.out / "llava", names)
     t = time.perf_counter()
     backbone = load_backbone(BackboneConfig(str(args.out / "llava"), device="cpu", dtype="float32"))
     report["llava_caption_accuracy"] = caption_accuracy(backbone, args.eval_n, seed=10_000 + args.seed)
@@ -219,21 +230,29 @@ def new_report(args) -> dict:
 
 
 def run_in_process(args, parts: list[str]) -> dict:
-    """The parts one after another; the BLIP-2 and the LLaVA share the rendered scenes."""
+    """The parts one after another; the BLIP-2 and the LLaVA share the rendered scenes where their ``--details``
+    agree."""
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     report, started = new_report(args), time.perf_counter()
-    data = held_out = None
-    if "blip2" in parts or "llava" in parts:
-        data = make_data(args.n_train, args.seed, Blip2Sizes().patch_size, others=1.0)
-        held_out = make_data(400, args.seed + 99, Blip2Sizes().patch_size, others=1.0)  # second photos: prior_slots
-        report["seconds"]["data"] = round(time.perf_counter() - started, 1)
+    rendered: dict[float, object] = {}
+
+    def scenes(details: float):
+        if details not in rendered:
+            t = time.perf_counter()
+            rendered[details] = make_data(args.n_train, args.seed, Blip2Sizes().patch_size, details=details, others=1.0)
+            report["seconds"]["data"] = round(report["seconds"].get("data", 0.0) + time.perf_counter() - t, 1)
+        return rendered[details]
+
+    held_out = None
+    if "blip2" in parts or "llava" in parts:  # fresh scenes without details, second photos for prior_slots
+        held_out = make_data(400, args.seed + 99, Blip2Sizes().patch_size, others=1.0)
     if "blip2" in parts:
-        pretrain_blip2(args, data, held_out, report)
+        pretrain_blip2(args, scenes(args.details), held_out, report)
     if "clip" in parts:
         pretrain_clip(args, report)
     if "llava" in parts:
-        pretrain_llava(args, data, held_out, report)
+        pretrain_llava(args, scenes(args.llava_details), held_out, report)
     report["seconds"]["total"] = round(time.perf_counter() - started, 1)
     return report
 

@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"
 BLIP2_DIR = CHECKPOINTS / "blip2"
 CLIP_FILE = CHECKPOINTS / "clip.safetensors"
+NAME_VECTORS = "name_vectors.safetensors"  # in a BLIP-2 / LLaVA checkpoint folder: the naming prior's name vectors
 WORDS = sorted(set(
     list(CATEGORIES) + list(PATTERN_COLOURS) + list(PATTERNS) + list(SIZES) + list(BACKGROUNDS) + list(NAMES)
     + list(DETAILS)
@@ -246,3 +247,23 @@ def toyworld_llava() -> Path:
     if not (LLAVA_DIR / "config.json").is_file():
         raise FileNotFoundError(f"no toy-world LLaVA at {LLAVA_DIR}; run scripts/pretrain_toyworld.py --llava")
     return LLAVA_DIR
+
+
+def save_name_vectors(vectors: dict[str, torch.Tensor], path: Union[str, Path]) -> None:
+    """The naming prior's learned name vectors ({name: (D,)}), kept beside a pretrained backbone for diagnostics
+    (``scripts/binding_ceiling.py``); personalization never reads them."""
+    from safetensors.torch import save_file
+
+    save_file({name: v.detach().float().contiguous() for name, v in vectors.items()}, str(path),
+              metadata={"what": "toy-world naming prior name vectors, at the backbone's injection point"})
+
+
+def load_name_vectors(folder: Union[str, Path]) -> dict[str, torch.Tensor]:
+    """``save_name_vectors``' file in a checkpoint folder; a clear error where the folder has none."""
+    from safetensors.torch import load_file
+
+    path = Path(folder) / NAME_VECTORS
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: the name vectors are written by scripts/pretrain_toyworld.py "
+                                "(with the naming prior on) beside the checkpoint")
+    return load_file(str(path))

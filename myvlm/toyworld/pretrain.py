@@ -373,6 +373,10 @@ class NamingPrior(nn.Module):
             self.features[torch.tensor([n >= 0 for n in names])] = pooled
             self.from_other[torch.tensor([n >= 0 for n in names])] = torch.from_numpy(~same)
 
+    def vectors(self) -> dict[str, torch.Tensor]:
+        """{name: its learned vector (D,)}, a copy."""
+        return {name: row.detach().clone() for name, row in zip(NAMES, self.table)}
+
     def tokens(self, image_tokens: torch.Tensor) -> Optional[torch.Tensor]:
         """(B, D): each renamed sample's token, norm-matched to its image tokens (B, N, D); zeros elsewhere."""
         if self.names is None or self.features is None:
@@ -415,7 +419,8 @@ def train_language(model, processor, data: WorldData, cfg: StageConfig, heads: O
                    evaluate: Optional[Callable[[], str]] = None, same_photo: float = 0.5,
                    held_out: Optional[WorldData] = None, placement: Optional[dict] = None,
                    locate: float = 0.0, locate_layer: int = 1, named_weight: float = 1.0,
-                   slots: float = 0.0, name_noise: float = 0.0) -> list[float]:
+                   slots: float = 0.0, name_noise: float = 0.0,
+                   name_vectors: Optional[dict] = None) -> list[float]:
     """Queries, Q-Former, projection and OPT learn to caption; with ``vision_lr_scale`` > 0 the ViT is tuned
     too (at that fraction of the learning rate), its object objective (``heads``) kept as an auxiliary loss;
     ``naming`` > 0 adds the NamingPrior to that fraction of the scenes that have a second photo. With
@@ -427,7 +432,8 @@ def train_language(model, processor, data: WorldData, cfg: StageConfig, heads: O
     97%), the prior's name never landed in its object's place, and the base captions lost names (39% -> 14%).
     ``slots`` > 0 weighs the query slots: the first queries' Q-Former outputs, one per object in the caption's
     order, predict that object's category, look, size and name (linear ``ObjectHeads``, discarded after).
-    ``name_noise``: ``NamingPrior``'s."""
+    ``name_noise``: ``NamingPrior``'s. ``name_vectors``: a dict that gets the prior's learned name vectors
+    ({name: (D,)}), for diagnostics (``scripts/binding_ceiling.py``); personalization never reads them."""
     trainable = [model.query_tokens, *model.qformer.parameters(), *model.language_projection.parameters(),
                  *model.language_model.parameters()]
     prior = NamingPrior(model.config.vision_config.hidden_size, naming, cfg.seed, same_photo,
@@ -520,6 +526,8 @@ def train_language(model, processor, data: WorldData, cfg: StageConfig, heads: O
         if tuned is not None:
             tuned.remove()
     model.requires_grad_(False).eval()
+    if prior is not None and name_vectors is not None:
+        name_vectors.update(prior.vectors())
     return losses
 
 
@@ -964,13 +972,14 @@ def train_llava_language(model, processor, data: WorldData, cfg: StageConfig, na
                          same_photo: float = 0.5, locate: float = 0.0, locate_layer: int = 1,
                          held_out: Optional[WorldData] = None, named_weight: float = 1.0,
                          placement: Optional[dict] = None, heads: Optional[ObjectHeads] = None,
-                         vision_lr_scale: float = 0.0) -> list[float]:
+                         vision_lr_scale: float = 0.0, name_vectors: Optional[dict] = None) -> list[float]:
     """Projector + Llama learn captions and answers through the backbone's own batch builder; ``naming`` > 0
     adds the NamingPrior, its token inserted by the backbone's concept slots at the projector input;
     ``locate`` > 0 weighs the ``ObjectLocator`` objective (read after decoder layer ``locate_layer``);
     ``named_weight``: see ``placement_weights``; ``held_out``, ``placement``: as in ``train_language``.
     ``vision_lr_scale`` > 0 (with the vision stage's ``heads``): the vision tower is tuned too, at that fraction
-    of the learning rate, its object objective kept, as the BLIP-2's is in ``train_language``."""
+    of the learning rate, its object objective kept, as the BLIP-2's is in ``train_language``. ``name_vectors``: as
+    there."""
     from PIL import Image
 
     from myvlm.backbones.llava import LlavaBackbone
@@ -1033,4 +1042,6 @@ def train_llava_language(model, processor, data: WorldData, cfg: StageConfig, na
         if tuned is not None:
             tuned.remove()
     model.requires_grad_(False).eval()
+    if name_vectors is not None:
+        name_vectors.update(prior.vectors())
     return losses
