@@ -26,10 +26,10 @@ import os
 import subprocess
 import sys
 import time
-from typing import Optional
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
+from typing import Optional
 
 import torch
 
