@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from myvlm import BackboneConfig, load_backbone
+from myvlm.data import contains_identifier
 from myvlm.injection import ConceptBank, ConceptInjector
 from myvlm.look import Box, look_vector
 from myvlm.toyworld.bench import TRAIN_PHOTOS, BenchConfig, concept_slot, context_facts, personalize_concept
@@ -62,12 +63,13 @@ def captions(backbone, values: Optional[torch.Tensor], images: list, identifier:
         return backbone.generate(images, prompts) if prompts else backbone.generate(images)
 
 
-def score(texts: list[str], photos: list, identifier: str) -> tuple[float, float, float]:
-    """(place, context, said) of ``texts`` on ``photos`` [(image, scene)]."""
+def score(texts: list[str], photos: list, identifier: str, named: bool = True) -> tuple[float, float, float]:
+    """(place, context, said) of ``texts`` on ``photos`` [(image, scene)], scored as ``bench.measure`` scores
+    them; ``named=False`` for the frozen model's captions (the concept described, not named)."""
     slots = [concept_slot(t, scene, identifier) for t, (_, scene) in zip(texts, photos)]
     slots = [s for s in slots if s is not None]
-    facts = [f for t, (_, scene) in zip(texts, photos) for f in context_facts(t, scene, True)]
-    said = [identifier in t.replace(",", " ").split() for t in texts]
+    facts = [f for t, (_, scene) in zip(texts, photos) for f in context_facts(t, scene, named)]
+    said = [contains_identifier(t, identifier) for t in texts]
     return (float(np.mean(slots)) if slots else float("nan")), float(np.mean(facts)), float(np.mean(said))
 
 
@@ -102,7 +104,8 @@ def main() -> None:
     for concept in concepts:
         photos = concept_photos(concept, args.pool, args.positives)
         images = [im for im, _ in photos]
-        results = {"base": score(captions(backbone, None, images, concept.identifier), photos, concept.identifier)}
+        results = {"base": score(captions(backbone, None, images, concept.identifier), photos, concept.identifier,
+                                 named=False)}
         for kind, values in tokens_for(backbone, concept, names, photos, args.pool).items():
             results[kind] = score(captions(backbone, values.contiguous(), images, concept.identifier), photos,
                                   concept.identifier)
