@@ -101,12 +101,12 @@ def seen_box(processor: Any, box: Box, size: tuple[int, int]) -> Optional[Box]:
     return seen if seen[2] > seen[0] and seen[3] > seen[1] else None
 
 
-def look_vector(backbone: "Backbone", images: Sequence[Image.Image],
-                boxes: Optional[Sequence[Box]] = None) -> torch.Tensor:
-    """(D,): the mean over ``images`` of each image's mean token inside its box (fractions of the photo;
-    None: whole images)."""
+def look_vectors(backbone: "Backbone", images: Sequence[Image.Image],
+                 boxes: Optional[Sequence[Box]] = None) -> torch.Tensor:
+    """(B, D): each image's mean token inside its box (fractions of the photo; None: whole images), from one
+    forward over all of them."""
     if not images:
-        raise ValueError("look_vector needs at least one image")
+        raise ValueError("look_vectors needs at least one image")
     boxes = list(boxes) if boxes is not None else [WHOLE] * len(images)
     if len(boxes) != len(images):
         raise ValueError(f"{len(boxes)} boxes for {len(images)} images")
@@ -122,7 +122,15 @@ def look_vector(backbone: "Backbone", images: Sequence[Image.Image],
             logger.warning("image tokens (%d) are not a square grid: the look is their mean over the whole image",
                            row.shape[0])
         means.append(row.mean(dim=0) if mask is None else row[mask].mean(dim=0))
-    return torch.stack(means).mean(dim=0).cpu()
+    return torch.stack(means).cpu()
+
+
+def look_vector(backbone: "Backbone", images: Sequence[Image.Image],
+                boxes: Optional[Sequence[Box]] = None) -> torch.Tensor:
+    """(D,): the mean over ``images`` of each image's mean token inside its box (``look_vectors``)."""
+    if not images:
+        raise ValueError("look_vector needs at least one image")
+    return look_vectors(backbone, images, boxes).mean(dim=0)
 
 
 def head_boxes(head: Any, images: Sequence[Image.Image]) -> list[Box]:
@@ -144,4 +152,4 @@ def head_boxes(head: Any, images: Sequence[Image.Image]) -> list[Box]:
     return boxes
 
 
-__all__ = ["look_vector", "head_boxes", "image_tokens", "box_mask", "seen_box"]
+__all__ = ["look_vector", "look_vectors", "head_boxes", "image_tokens", "box_mask", "seen_box"]

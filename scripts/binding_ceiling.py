@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from myvlm import BackboneConfig, load_backbone
 from myvlm.data import contains_identifier
 from myvlm.injection import ConceptBank, ConceptInjector
-from myvlm.look import Box, look_vector
+from myvlm.look import Box, look_vector, look_vectors
 from myvlm.toyworld.bench import TRAIN_PHOTOS, BenchConfig, concept_slot, context_facts, personalize_concept
 from myvlm.toyworld.concepts import BY_NAME, CONCEPTS, concept_photos
 from myvlm.toyworld.models import load_name_vectors
@@ -77,7 +77,7 @@ def tokens_for(backbone, concept, names: dict[str, torch.Tensor], photos: list, 
     """Each kind of token, (n, D) for the n ``photos``."""
     n = len(photos)
     name = F.normalize(names[concept.identifier].float(), dim=0)
-    here = torch.stack([F.normalize(look_vector(backbone, [im], [concept_box(scene)]), dim=0) for im, scene in photos])
+    here = F.normalize(look_vectors(backbone, [im for im, _ in photos], [concept_box(s) for _, s in photos]), dim=1)
     train = concept_photos(concept, "train", TRAIN_PHOTOS)
     trained_look = F.normalize(look_vector(backbone, [im for im, _ in train], [concept_box(s) for _, s in train]), dim=0)
     trained = personalize_concept(backbone, concept, 0, BenchConfig(eval_pool=pool)).embedding.float()

@@ -38,7 +38,7 @@ from myvlm.toyworld.models import (
     CHECKPOINTS, NAME_VECTORS, Blip2Sizes, LlavaSizes, new_blip2, new_llava, save_name_vectors,
 )
 from myvlm.toyworld.pretrain import (
-    ClipObjectives, StageConfig, make_data, object_crops, object_pairs, train_clip, train_language,
+    ClipObjectives, StageConfig, WorldData, make_data, object_crops, object_pairs, train_clip, train_language,
     train_llava_language, train_vision, vision_accuracy,
 )
 
@@ -64,6 +64,10 @@ def parse_args() -> argparse.Namespace:
                         help="BLIP-2 scenes: fraction of the patterned, unnamed objects given a rim or centre dot, as "
                              "the CLIP's scenes and the personal concepts have (never a concept's look); 0 = none")
     parser.add_argument("--llava-details", type=float, default=0.0, help="--details for the LLaVA's scenes")
+    parser.add_argument("--variation", type=float, default=0.0,
+                        help="BLIP-2 scenes: fraction drawn with the pose, scale and lighting ranges of the personal "
+                             "concepts' photos (scenes.PHOTO_VARIATION); 0 = none")
+    parser.add_argument("--llava-variation", type=float, default=0.0, help="--variation for the LLaVA's scenes")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--eval-n", type=int, default=300, help="fresh scenes for the accuracy report")
     parser.add_argument("--threads", type=int, default=1,
@@ -231,28 +235,29 @@ def new_report(args) -> dict:
 
 def run_in_process(args, parts: list[str]) -> dict:
     """The parts one after another; the BLIP-2 and the LLaVA share the rendered scenes where their ``--details``
-    agree."""
+    and ``--variation`` agree."""
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     report, started = new_report(args), time.perf_counter()
-    rendered: dict[float, object] = {}
+    rendered: dict[tuple[float, float], WorldData] = {}
 
-    def scenes(details: float):
-        if details not in rendered:
+    def scenes(details: float, variation: float) -> WorldData:
+        if (details, variation) not in rendered:
             t = time.perf_counter()
-            rendered[details] = make_data(args.n_train, args.seed, Blip2Sizes().patch_size, details=details, others=1.0)
+            rendered[details, variation] = make_data(args.n_train, args.seed, Blip2Sizes().patch_size, details=details,
+                                                     others=1.0, variation=variation)
             report["seconds"]["data"] = round(report["seconds"].get("data", 0.0) + time.perf_counter() - t, 1)
-        return rendered[details]
+        return rendered[details, variation]
 
     held_out = None
     if "blip2" in parts or "llava" in parts:  # fresh scenes without details, second photos for prior_slots
         held_out = make_data(400, args.seed + 99, Blip2Sizes().patch_size, others=1.0)
     if "blip2" in parts:
-        pretrain_blip2(args, scenes(args.details), held_out, report)
+        pretrain_blip2(args, scenes(args.details, args.variation), held_out, report)
     if "clip" in parts:
         pretrain_clip(args, report)
     if "llava" in parts:
-        pretrain_llava(args, scenes(args.llava_details), held_out, report)
+        pretrain_llava(args, scenes(args.llava_details, args.llava_variation), held_out, report)
     report["seconds"]["total"] = round(time.perf_counter() - started, 1)
     return report
 

@@ -8,7 +8,7 @@ import torch
 import myvlm
 from myvlm.config import TrainConfig
 from myvlm.heads import AlwaysOnHead
-from myvlm.look import WHOLE, box_mask, head_boxes, image_tokens, look_vector, seen_box
+from myvlm.look import WHOLE, box_mask, head_boxes, image_tokens, look_vector, look_vectors, seen_box
 
 from conftest import random_image
 
@@ -41,6 +41,9 @@ def test_image_tokens_are_the_encoder_output_the_qformer_reads(backbone):
     torch.testing.assert_close(half, top.mean(dim=(1, 2)).mean(dim=0))
     with pytest.raises(ValueError, match="boxes"):
         look_vector(backbone, images, [WHOLE])
+    # one row per image, each inside its own box: the top half of the first, the whole second
+    rows = look_vectors(backbone, images, [(0.0, 0.0, 1.0, 0.5), WHOLE])
+    torch.testing.assert_close(rows, torch.stack([top[0].mean(dim=(0, 1)), expected[1, 1:].mean(dim=0)]))
 
 
 def test_seen_box_follows_the_processors_centre_crop(backbone):

@@ -106,6 +106,19 @@ def test_object_labels_and_second_photos():
         assert not np.array_equal(data.other_pixels[i], data.pixels[i])
 
 
+def test_variation_draws_scenes_as_the_concept_photos_vary():
+    from myvlm.toyworld.scenes import PHOTO_VARIATION
+
+    plain, photos = make_data(30, seed=4), make_data(30, seed=4, variation=1.0)
+    assert all(o.scale == 1.0 for s in plain.scenes for o in s.objects)  # no scale jitter by default
+    low, high = PHOTO_VARIATION["lighting"]
+    assert all(low <= s.lighting <= high for s in photos.scenes)
+    assert all(o.scale != 1.0 and abs(o.angle) <= PHOTO_VARIATION["pose"] for s in photos.scenes for o in s.objects)
+    assert max(abs(o.angle) for s in photos.scenes for o in s.objects) > 20.0  # beyond the default pose range
+    rng = np.random.default_rng(4)  # at 0 no extra draw: the default data stay what the shipped weights saw
+    assert plain.captions == [caption(sample_scene(rng)) for _ in range(30)]
+
+
 def test_look_alike_photos_swap_only_the_shared_object():
     """The CLIP stage's third view: the anchor photo with its shared object replaced by one of the same
     category that differs in colours, pattern or detail; everything else in the scene is kept."""

@@ -25,6 +25,7 @@ from PIL import Image
 
 from myvlm.toyworld.scenes import (
     CATEGORIES,
+    PHOTO_VARIATION,
     DETAILS,
     NAME_OF,
     NAMED,
@@ -92,7 +93,7 @@ def _photo(rng: np.random.Generator, concept: PersonalConcept, look: Appearance,
            name: Optional[str]) -> tuple[Image.Image, Scene]:
     scene = sample_scene(rng, n_objects=int(rng.choice([1, 2, 3], p=[0.4, 0.4, 0.2])), kinds=["solid", "patterned"],
                          fixed=[(look, name, concept.name if role == "positive" else None)],
-                         avoid_names=_avoid(concept), pose=35.0, scale_jitter=0.15, lighting=(0.75, 1.25),
+                         avoid_names=_avoid(concept), **PHOTO_VARIATION,
                          fixed_sizes=("medium", "large"))
     scene.extra.update(role=role, concept=concept.name)
     return render(scene), scene

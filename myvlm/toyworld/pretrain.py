@@ -31,7 +31,7 @@ from myvlm.injection import ConceptBank, ConceptInjector
 from myvlm.toyworld.concepts import CONCEPTS
 from myvlm.toyworld.models import PixelNormaliser, clip_text_ids
 from myvlm.toyworld.scenes import (
-    CATEGORIES, COLOURS, DETAILS, NAMES, PATTERN_COLOURS, PATTERNS, SIZE, SIZES, Appearance,
+    CATEGORIES, COLOURS, DETAILS, NAMES, PATTERN_COLOURS, PATTERNS, PHOTO_VARIATION, SIZE, SIZES, Appearance,
     Scene,
     caption, render, sample_scene,
 )
@@ -97,9 +97,11 @@ def another_photo(obj, rng: np.random.Generator) -> tuple[Scene, int]:
     return scene, next(k for k, o in enumerate(scene.objects) if o.concept == "other")
 
 
-def make_data(n: int, seed: int, patch: int = 16, details: float = 0.0, others: float = 0.0) -> WorldData:
+def make_data(n: int, seed: int, patch: int = 16, details: float = 0.0, others: float = 0.0,
+              variation: float = 0.0) -> WorldData:
     """``n`` rendered scenes with captions and labels (about 3 ms per scene, 6 with a second photo);
-    a fraction ``others`` of them gets a second photo of one of its objects (the naming prior's)."""
+    a fraction ``others`` of them gets a second photo of one of its objects (the naming prior's), a fraction
+    ``variation`` is drawn with the pose, scale and lighting ranges of photos (``PHOTO_VARIATION``)."""
     rng = np.random.default_rng(seed)
     cells = (SIZE // patch) ** 2
     pixels = np.zeros((n, SIZE, SIZE, 3), np.uint8)
@@ -110,7 +112,8 @@ def make_data(n: int, seed: int, patch: int = 16, details: float = 0.0, others: 
     other_object = np.full(n, -1, np.int64)
     captions, scenes = [], []
     for i in range(n):
-        scene = sample_scene(rng)
+        photo = variation > 0 and rng.random() < variation  # no draw at 0: the default data stay as they were
+        scene = sample_scene(rng, **(PHOTO_VARIATION if photo else {}))
         if details:
             add_details(scene, rng, details)
         image, masks = render(scene, with_masks=True)
@@ -581,8 +584,8 @@ def object_pairs(n: int, seed: int, look_alikes: bool = False) -> tuple[WorldDat
             look = detailed if detailed.key() not in CONCEPT_KEYS else look
         for view in views[:2]:
             view.append(sample_scene(rng, n_objects=int(rng.choice([1, 2, 3], p=[0.4, 0.4, 0.2])),
-                                     kinds=["solid", "patterned", "named"], fixed=[(look, name, "pair")], pose=35.0,
-                                     scale_jitter=0.15, lighting=(0.75, 1.25), fixed_sizes=("medium", "large")))
+                                     kinds=["solid", "patterned", "named"], fixed=[(look, name, "pair")],
+                                     **PHOTO_VARIATION, fixed_sizes=("medium", "large")))
         if look_alikes:
             first = views[0][-1]
             swapped = [replace(o, appearance=look_alike(look, rng), name=None) if o.concept == "pair" else o

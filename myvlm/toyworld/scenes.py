@@ -140,6 +140,10 @@ def _layout(rng: np.random.Generator, n: int, relation: Optional[str], sizes: li
     return [spot(i * width, (i + 1) * width, 0, SIZE, s) for i, s in enumerate(sizes)]
 
 
+# How much photos of one object vary (the personal concepts' photos, ``concepts.py``): sample_scene keywords.
+PHOTO_VARIATION = {"pose": 35.0, "scale_jitter": 0.15, "lighting": (0.75, 1.25)}
+
+
 def sample_scene(rng: np.random.Generator, n_objects: Optional[int] = None, kinds: Optional[list[str]] = None,
                  fixed: Optional[list[tuple[Appearance, Optional[str], Optional[str]]]] = None,
                  avoid_names: frozenset = frozenset(), pose: float = 20.0, scale_jitter: float = 0.0,
