@@ -23,7 +23,7 @@ from myvlm.toyworld.concepts import BY_NAME, CONCEPTS
 
 KEYS = ("recall", "oracle_recall", "positive_head", "negative_identifier", "hard_negative_identifier", "unrelated_identifier",
         "hard_negative_head", "unrelated_head", "context_after", "oracle_context", "context_base", "oracle_slot",
-        "background_after")
+        "placed_context", "placed_context_base", "misplaced_context", "background_after")
 
 
 def parse_value(text: str):

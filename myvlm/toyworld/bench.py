@@ -206,6 +206,13 @@ def measure(backbone, concept: PersonalConcept, trained, sets: dict[str, list],
             metrics["oracle_context"] = _rate([f for r, s in zip(forced, scenes) for f in context_facts(r.text, s, True)])
             slots = [concept_slot(r.text, s, concept.identifier) for r, s in zip(forced, scenes)]
             metrics["oracle_slot"] = _rate([x for x in slots if x is not None])  # several objects only
+            # the oracle's context split by where the identifier landed (photos with several objects), and the
+            # frozen model's on the photos where it landed in place: does the token cost context by itself?
+            for key, wanted, texts, named in (("placed_context", True, forced, True),
+                                              ("placed_context_base", True, before, False),
+                                              ("misplaced_context", False, forced, True)):
+                metrics[key] = _rate([f for r, s, slot in zip(texts, scenes, slots) if slot is wanted
+                                      for f in context_facts(r.text, s, named)])
             metrics["context_after"] = _rate([f for r, s in zip(after, scenes) for f in context_facts(r.text, s, True)])
             metrics["context_base"] = _rate([f for r, s in zip(before, scenes)
                                              for f in context_facts(r.text, s, False)])
