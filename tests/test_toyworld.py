@@ -80,6 +80,9 @@ def test_concept_photos_vary_and_negatives_share_the_class():
         assert concept.identifier not in caption(scene).split()
     for _, scene in unrelated_photos(concept, "test", 10):
         assert concept.identifier not in caption(scene).split()
+    for photos_of in (concept_photos, hard_negative_photos, unrelated_photos):
+        with pytest.raises(ValueError, match="unknown photo pool 'tset'"):
+            photos_of(concept, "tset", 1)
 
 
 def test_caption_scores_per_attribute():

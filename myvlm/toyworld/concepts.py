@@ -25,12 +25,12 @@ from PIL import Image
 
 from myvlm.toyworld.scenes import (
     CATEGORIES,
-    PHOTO_VARIATION,
     DETAILS,
     NAME_OF,
     NAMED,
     PATTERN_COLOURS,
     PATTERNS,
+    PHOTO_VARIATION,
     Appearance,
     Scene,
     caption,
@@ -38,7 +38,8 @@ from myvlm.toyworld.scenes import (
     sample_scene,
 )
 
-SPLITS = ("train", "head_negatives", "test")  # photo pools: personalization, head fitting, evaluation
+SPLITS = ("train", "val", "head_negatives", "test")  # photo pools: personalization, choosing settings, head fitting,
+# evaluation; disjoint, each a pure function of its name
 N_CONCEPTS = 12  # 3 per category
 
 
@@ -99,8 +100,14 @@ def _photo(rng: np.random.Generator, concept: PersonalConcept, look: Appearance,
     return render(scene), scene
 
 
+def _check_split(split: str) -> None:
+    if split not in SPLITS:  # any other name would silently give photos no number was measured on
+        raise ValueError(f"unknown photo pool {split!r}; the pools are {list(SPLITS)}")
+
+
 def concept_photos(concept: PersonalConcept, split: str, n: int, start: int = 0) -> list[tuple[Image.Image, Scene]]:
     """Photos of the concept: (image, scene); the scene names the concept by its identifier."""
+    _check_split(split)
     return [_photo(_rng("positive", concept.name, split, i), concept, concept.appearance, "positive",
                    concept.identifier) for i in range(start, start + n)]
 
@@ -125,6 +132,7 @@ def hard_negative_look(concept: PersonalConcept, rng: np.random.Generator) -> Ap
 
 def hard_negative_photos(concept: PersonalConcept, split: str, n: int) -> list[tuple[Image.Image, Scene]]:
     """Photos of other objects of the concept's class (described, never named)."""
+    _check_split(split)
     out = []
     for i in range(n):
         rng = _rng("hard", concept.name, split, i)
@@ -134,6 +142,7 @@ def hard_negative_photos(concept: PersonalConcept, split: str, n: int) -> list[t
 
 def unrelated_photos(concept: PersonalConcept, split: str, n: int) -> list[tuple[Image.Image, Scene]]:
     """Ordinary scenes (named objects included, except the one whose name is the identifier)."""
+    _check_split(split)
     out = []
     for i in range(n):
         scene = sample_scene(_rng("unrelated", concept.name, split, i), avoid_names=_avoid(concept))
