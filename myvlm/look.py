@@ -12,7 +12,7 @@ steps (measured on the toy world, ``myvlm.toyworld``: README, "Context, diagnose
 Boxes are fractions ``(left, top, right, bottom)`` of the photo. ``seen_box`` maps them to what the
 backbone's processor passes on: the same box where it resizes the whole photo (BLIP-2's), the part inside
 the crop where it resizes the shortest edge and crops the centre (CLIP's, LLaVA-1.5's: a wide photo loses
-its sides).
+its sides); LLaVA-NeXT's base view is the whole photo squashed to a square, so its boxes are kept too.
 """
 
 from __future__ import annotations
@@ -83,6 +83,8 @@ def seen_box(processor: Any, box: Box, size: tuple[int, int]) -> Optional[Box]:
     """``box`` (fractions of a photo of ``size`` = (width, height)) as fractions of the image ``processor`` passes
     to the vision encoder; None when the box lies wholly outside it (cropped away)."""
     images = getattr(processor, "image_processor", processor)
+    if getattr(images, "image_grid_pinpoints", None):  # LLaVA-NeXT: the tokens a concept joins are its base view,
+        return box  # the whole photo resized to a square, nothing cropped (the grid patches come after it)
     resize, crop = getattr(images, "size", None), getattr(images, "crop_size", None)
     shortest = resize.get("shortest_edge") if hasattr(resize, "get") else None
     crop_w, crop_h = (crop.get("width"), crop.get("height")) if hasattr(crop, "get") else (None, None)

@@ -58,6 +58,20 @@ def test_seen_box_follows_the_processors_centre_crop(backbone):
     assert seen_box(backbone.processor, (0.0, 0.0, 0.2, 1.0), wide) == (0.0, 0.0, 0.2, 1.0)  # BLIP-2 resizes it all
 
 
+def test_seen_box_keeps_llava_next_boxes_as_its_base_view_is_the_whole_photo():
+    from PIL import Image
+    from transformers import LlavaNextImageProcessor
+
+    processor = LlavaNextImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+                                        image_grid_pinpoints=[[32, 64], [64, 32], [64, 64]])
+    wide = Image.new("RGB", (200, 100), (0, 0, 255))
+    wide.paste((255, 0, 0), (0, 0, 40, 100))  # the left fifth is red
+    assert seen_box(processor, (0.0, 0.0, 0.2, 1.0), wide.size) == (0.0, 0.0, 0.2, 1.0)
+    base = processor(images=[wide], return_tensors="pt")["pixel_values"][0, 0]  # (3, 32, 32): the base view
+    red = base[0] > base[2]  # (32, 32)
+    assert red[:, :5].all() and not red[:, 8:].any()  # the red fifth is still the left fifth: squashed, not cropped
+
+
 def test_head_boxes_follow_the_crops_the_head_learned():
     class Report:
         regions = ["id", "crop0.5@0:0", "crop0.5@1:1"]
