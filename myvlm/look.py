@@ -108,7 +108,7 @@ def look_vectors(backbone: "Backbone", images: Sequence[Image.Image],
     """(B, D): each image's mean token inside its box (fractions of the photo; None: whole images), from one
     forward over all of them."""
     if not images:
-        raise ValueError("look_vectors needs at least one image")
+        raise ValueError("no images to take the concept's look from")
     boxes = list(boxes) if boxes is not None else [WHOLE] * len(images)
     if len(boxes) != len(images):
         raise ValueError(f"{len(boxes)} boxes for {len(images)} images")
@@ -130,8 +130,6 @@ def look_vectors(backbone: "Backbone", images: Sequence[Image.Image],
 def look_vector(backbone: "Backbone", images: Sequence[Image.Image],
                 boxes: Optional[Sequence[Box]] = None) -> torch.Tensor:
     """(D,): the mean over ``images`` of each image's mean token inside its box (``look_vectors``)."""
-    if not images:
-        raise ValueError("look_vector needs at least one image")
     return look_vectors(backbone, images, boxes).mean(dim=0)
 
 
