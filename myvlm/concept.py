@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from myvlm.config import CONCEPT_FILE, CONCEPT_FORMAT, EMBEDDING_FILE, HEAD_FILE
 from myvlm.heads import ConceptHead, load_head
+from myvlm.injection import Route
 
 if TYPE_CHECKING:
     from myvlm.backbones.base import Backbone
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
+ROUTED_FORMAT_VERSION = 2  # a concept with a route: older myvlm versions, which would ignore it, refuse the folder
 KINDS = ("object", "person")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -69,6 +71,7 @@ class Concept:
     head: Optional[ConceptHead] = None  # decides when the concept is active; None = only when forced
     class_word: Optional[str] = None  # what the base model calls it ("dog"), for targets and metrics
     training: dict[str, Any] = field(default_factory=dict)  # TrainConfig + run statistics
+    route: Optional[Route] = None  # query routing it was trained with (and must be used with), if any
     created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
 
     def __post_init__(self) -> None:
@@ -77,6 +80,9 @@ class Concept:
             raise ConceptError(f"concept kind must be one of {KINDS}, got {self.kind!r}")
         if self.embedding.ndim != 1:
             raise ConceptError(f"a concept embedding is one vector, got shape {tuple(self.embedding.shape)}")
+        if self.route is not None and self.route.look.shape != self.embedding.shape:
+            raise ConceptError(f"the route's look has shape {tuple(self.route.look.shape)}, the embedding "
+                               f"{tuple(self.embedding.shape)}")
 
     @property
     def dim(self) -> int:
@@ -85,7 +91,7 @@ class Concept:
     def metadata(self) -> dict[str, Any]:
         return {
             "format": CONCEPT_FORMAT,
-            "format_version": FORMAT_VERSION,
+            "format_version": FORMAT_VERSION if self.route is None else ROUTED_FORMAT_VERSION,
             "myvlm_version": _version(),
             "name": self.name,
             "identifier": self.identifier,
@@ -95,6 +101,8 @@ class Concept:
             "backbone": self.backbone,
             "head": self.head.config() if self.head is not None else None,
             "training": self.training,
+            "route": None if self.route is None else {"strength": self.route.strength,
+                                                      "temperature": self.route.temperature},
             "created": self.created,
         }
 
@@ -128,8 +136,10 @@ class Concept:
         try:
             (staging / CONCEPT_FILE).write_text(json.dumps(self.metadata(), indent=2) + "\n")
             tensor_meta = {"format": CONCEPT_FORMAT, "name": self.name}
-            save_file({"embedding": self.embedding.detach().float().cpu().contiguous()},
-                      staging / EMBEDDING_FILE, metadata=tensor_meta)
+            tensors = {"embedding": self.embedding.detach().float().cpu().contiguous()}
+            if self.route is not None:
+                tensors["look"] = self.route.look.detach().float().cpu().contiguous()
+            save_file(tensors, staging / EMBEDDING_FILE, metadata=tensor_meta)
             head_state = self.head.state_dict() if self.head is not None else {}
             if head_state:
                 save_file({k: v.detach().cpu().contiguous() for k, v in head_state.items()},
@@ -174,12 +184,14 @@ def load_concept(folder: Union[str, Path], **head_runtime: Any) -> Concept:
     missing = [key for key in ("name", "identifier", "kind", "dim", "backbone") if key not in meta]
     if missing:
         raise ConceptError(f"{config_path} lacks {missing}; the folder is damaged, retrain or restore it")
-    if meta.get("format_version", 0) > FORMAT_VERSION:
+    if meta.get("format_version", 0) > ROUTED_FORMAT_VERSION:
         raise ConceptError(f"{folder} was written by a newer myvlm ({meta.get('myvlm_version')}); upgrade myvlm")
     try:
-        embedding = load_file(folder / EMBEDDING_FILE)["embedding"]
+        tensors = load_file(folder / EMBEDDING_FILE)
+        embedding = tensors["embedding"]
+        route = Route(tensors["look"], **meta["route"]) if meta.get("route") else None
         head_tensors = load_file(folder / HEAD_FILE) if (folder / HEAD_FILE).is_file() else {}
-    except (OSError, KeyError, RuntimeError, SafetensorError) as error:
+    except (OSError, KeyError, TypeError, ValueError, RuntimeError, SafetensorError) as error:
         raise ConceptError(f"cannot read the tensors of {folder}: {error}") from error
     if embedding.shape != (meta["dim"],):
         raise ConceptError(f"{folder}: embedding has shape {tuple(embedding.shape)} but concept.json says {meta['dim']}")
@@ -187,7 +199,7 @@ def load_concept(folder: Union[str, Path], **head_runtime: Any) -> Concept:
     return Concept(
         name=meta["name"], identifier=meta["identifier"], kind=meta["kind"], embedding=embedding,
         backbone=meta["backbone"], head=head, class_word=meta.get("class_word"),
-        training=meta.get("training", {}), created=meta.get("created", ""),
+        training=meta.get("training", {}), route=route, created=meta.get("created", ""),
     )
 
 

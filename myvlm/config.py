@@ -58,12 +58,18 @@ class TrainConfig:
     init: str = "random"  # personalize: "random", or "look": the mean image token over where the head found the concept
     # in each photo (myvlm.look; with a small lr, e.g. 0.01, so that the vector stays near that look), or "anchor":
     # that look fixed as the concept's anchor and a random vector learned beside it (ConceptBank anchors)
+    route: float = 0.0  # query routing strength (BLIP-2; 0 = off, the paper's): the concept token is read mostly by the
+    # Q-Former queries that look where the concept is, found by its look (myvlm.injection.Route); kept with the concept
+    route_temperature: float = 0.02  # softmax temperature of that likeness over the image tokens
     prefetch: bool = True  # prepare the next batch on a background thread while the current step runs
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def __post_init__(self) -> None:
         if self.init not in INITS:
             raise ValueError(f"unknown training init {self.init!r}; known: {list(INITS)}")
+        if self.route < 0 or self.route_temperature <= 0:
+            raise ValueError(f"route must be >= 0 and route_temperature > 0, "
+                             f"got {self.route}, {self.route_temperature}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
+import torch
 from PIL import Image
 from torchvision.transforms import v2
 
@@ -38,6 +39,9 @@ class TrainingExample:
     concepts: list[str] = field(default_factory=list)  # concepts active on this photo (their bank names)
     prompt: Optional[str] = None  # prompt the captions answer (None = the backbone's plain captioning)
     questions: list[tuple[str, str]] = field(default_factory=list)  # (prompt, answer) pairs mixed with captions
+    # captions of the photo mirrored left-right, for captions that say "left of" (empty: ``captions`` hold for both);
+    # a flip in the augmentation then trains on these instead, so that it does not teach the wrong side
+    mirrored_captions: list[str] = field(default_factory=list)
 
 
 def identifier_pattern(identifier: str) -> re.Pattern[str]:
@@ -79,26 +83,39 @@ def make_examples(
     identifier: str,
     kind: str = "object",
     sources: Optional[Sequence[str]] = None,
+    mirrored: Optional[Sequence[Sequence[str]]] = None,
 ) -> list[TrainingExample]:
-    """Pair photos with identifier-bearing targets; raise naming the photo if none names the concept."""
+    """Pair photos with identifier-bearing targets; raise naming the photo if none names the concept.
+    ``mirrored``: per photo, the captions of its left-right mirror image (empty lists where they are the same)."""
     sources = list(sources) if sources is not None else [f"image #{i}" for i in range(len(images))]
     if len(captions) != len(images):
         raise ValueError(f"got {len(images)} images but {len(captions)} caption lists; give one list per image")
+    if mirrored is not None and len(mirrored) != len(images):
+        raise ValueError(f"got {len(images)} images but {len(mirrored)} mirrored caption lists; give one per image")
     examples = []
-    for image, texts, source in zip(images, captions, sources):
-        texts = [texts] if isinstance(texts, str) else list(texts)
-        targets = [name_to_identifier(t, name, identifier, kind) for t in texts]
-        kept = [t for t in targets if contains_identifier(t, identifier)]
-        if not kept:
-            raise ValueError(
-                f"no caption of {source} names the concept ({texts!r}); write {name!r} or {identifier!r} where the "
-                f"concept appears, e.g. '{display_identifier(identifier, kind)} is lying on the beach'"
-            )
-        if len(kept) < len(targets):
-            logger.warning("%s: %d of %d captions do not name %r and are skipped", source, len(targets) - len(kept),
-                           len(targets), name)
-        examples.append(TrainingExample(image=image, captions=kept, source=source, concepts=[name]))
+    for k, (image, texts, source) in enumerate(zip(images, captions, sources)):
+        kept = _targets(texts, name, identifier, kind, source)
+        flipped = (_targets(mirrored[k], name, identifier, kind, f"{source} (mirrored)") if mirrored and mirrored[k]
+                   else [])
+        examples.append(TrainingExample(image=image, captions=kept, source=source, concepts=[name],
+                                        mirrored_captions=flipped))
     return examples
+
+
+def _targets(texts: Union[str, Sequence[str]], name: str, identifier: str, kind: str, source: str) -> list[str]:
+    """``texts`` with the concept's name replaced by the identifier; those that do not name it are dropped."""
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    targets = [name_to_identifier(t, name, identifier, kind) for t in texts]
+    kept = [t for t in targets if contains_identifier(t, identifier)]
+    if not kept:
+        raise ValueError(
+            f"no caption of {source} names the concept ({texts!r}); write {name!r} or {identifier!r} where the "
+            f"concept appears, e.g. '{display_identifier(identifier, kind)} is lying on the beach'"
+        )
+    if len(kept) < len(targets):
+        logger.warning("%s: %d of %d captions do not name %r and are skipped", source, len(targets) - len(kept),
+                       len(targets), name)
+    return kept
 
 
 def check_identifier(tokenizer: Any, identifier: str) -> list[int]:
@@ -137,13 +154,19 @@ class Augmenter:
     def __init__(self, config: AugmentConfig):
         self.config = config
         self.transform = v2.Compose([
-            v2.RandomHorizontalFlip(p=config.hflip_p),
             v2.ColorJitter(brightness=config.brightness),
             v2.RandomRotation(degrees=config.rotation_degrees),
         ])
 
     def __call__(self, image: Image.Image) -> Image.Image:
-        return self.transform(image) if self.config.enabled else image
+        return self.apply(image)[0]
+
+    def apply(self, image: Image.Image) -> tuple[Image.Image, bool]:
+        """(augmented photo, whether it was mirrored). Draws what ``v2.RandomHorizontalFlip`` draws, in order."""
+        if not self.config.enabled:
+            return image, False
+        flipped = bool(torch.rand(1) < self.config.hflip_p)
+        return self.transform(v2.functional.horizontal_flip(image) if flipped else image), flipped
 
 
 def read_json_mapping(path: Union[str, Path], expected: str) -> dict[str, Any]:
@@ -189,19 +212,22 @@ def sample_targets(examples: Sequence[TrainingExample], indices: Sequence[int], 
 
 
 def sample_tasks(
-    examples: Sequence[TrainingExample], indices: Sequence[int], rng: random.Random
+    examples: Sequence[TrainingExample], indices: Sequence[int], rng: random.Random,
+    mirrored: Optional[Sequence[bool]] = None,
 ) -> tuple[Optional[list[str]], list[str]]:
     """One (prompt, target) per chosen image: its captioning task or one of its question-answer pairs,
-    uniformly (the reference code's VQA mixing); captions are sampled as in ``sample_targets``.
+    uniformly (the reference code's VQA mixing); captions are sampled as in ``sample_targets``, from an
+    example's ``mirrored_captions`` where ``mirrored[k]`` says its photo was flipped and it has some.
     Prompts are None when no chosen image has any (plain captioning, e.g. BLIP-2)."""
     prompts, targets = [], []
-    for i in indices:
+    for k, i in enumerate(indices):
         example = examples[i]
         pick = rng.randrange(len(example.questions) + 1) if example.questions else len(example.questions)
         if pick < len(example.questions):
             prompt, target = example.questions[pick]
         else:
-            prompt, target = example.prompt, rng.choice(example.captions)
+            flipped = mirrored is not None and mirrored[k] and example.mirrored_captions
+            prompt, target = example.prompt, rng.choice(example.mirrored_captions if flipped else example.captions)
         prompts.append(prompt)
         targets.append(target)
     if all(p is None for p in prompts):

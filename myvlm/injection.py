@@ -14,12 +14,21 @@ looks to the VLM, ``myvlm.look`` -- to its learned one, each normalised, before 
 Samples with fewer active concepts than others get masked padding slots; when no sample
 in a batch has an active concept the hooks change nothing at all. Concept state, gating
 and the attention penalty are all per sample, so several concepts can train in one batch.
+
+A *routed* concept (``ConceptBank(routes=...)``, backbones with learned queries: BLIP-2) is read mostly
+by the queries that look where the concept is: the concept is located among the image tokens by its
+look (``Route``), and each query's attention logit on the token gets ``strength * log(m_q / max m)``,
+``m_q`` the query's attention on that place without the token. Not in the paper: one appended token
+is otherwise read by whichever query, and the name can land on another object of the image
+(the toy world measures it: README, "Query routing").
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator, Optional, Sequence, Union
 
 import torch
@@ -33,13 +42,39 @@ logger = logging.getLogger(__name__)
 ConceptRef = Union[int, str]
 
 
+@dataclass(frozen=True)
+class Route:
+    """Query routing of one concept token (see the module's docstring)."""
+
+    look: torch.Tensor  # (D,) how the concept looks at the injection point (``myvlm.look``), to find it by
+    strength: float  # beta: the token's logit for a query gets beta * log(its attention on the concept / the most)
+    temperature: float = 0.02  # softmax temperature over the image tokens' cosine likeness to ``look``
+
+    def __post_init__(self) -> None:
+        if self.look.ndim != 1:
+            raise ValueError(f"a route's look is one vector, got shape {tuple(self.look.shape)}")
+        if self.strength < 0 or self.temperature <= 0:
+            raise ValueError(f"route strength must be >= 0 and temperature > 0, got {self.strength}, "
+                             f"{self.temperature}")
+
+
+def grid_offset(tokens: int) -> Optional[int]:
+    """How many leading non-patch tokens (a class token) precede a square grid of patch tokens: 0 or 1;
+    None when ``tokens`` is no such grid."""
+    for offset in (0, 1):
+        if tokens - offset > 0 and math.isqrt(tokens - offset) ** 2 == tokens - offset:
+            return offset
+    return None
+
+
 class ConceptBank(nn.Module):
     """C concept vectors of width D: ``values`` is the only trainable tensor of a personalization.
     ``anchors`` (C, D), optional and fixed: a concept's token is then its normalised anchor plus its normalised
-    vector (a zero row: no anchor for that concept)."""
+    vector (a zero row: no anchor for that concept). ``routes``: one ``Route`` or None per concept."""
 
     def __init__(self, names: Sequence[str], dim: int, values: Optional[torch.Tensor] = None, init_std: float = 1.0,
-                 seed: Optional[int] = None, anchors: Optional[torch.Tensor] = None):
+                 seed: Optional[int] = None, anchors: Optional[torch.Tensor] = None,
+                 routes: Optional[Sequence[Optional[Route]]] = None):
         super().__init__()
         if len(set(names)) != len(names):
             raise ValueError(f"concept names must be unique, got {list(names)}")
@@ -53,6 +88,23 @@ class ConceptBank(nn.Module):
         if anchors is not None and anchors.shape != (len(self.names), dim):
             raise ValueError(f"concept anchors have shape {tuple(anchors.shape)}, expected ({len(self.names)}, {dim})")
         self.register_buffer("anchors", None if anchors is None else anchors.detach().clone().float())
+        routes = list(routes) if routes is not None else []
+        if routes and len(routes) != len(self.names):
+            raise ValueError(f"{len(routes)} routes for {len(self.names)} concepts")
+        for route in routes:
+            if route is not None and route.look.shape != (dim,):
+                raise ValueError(f"a route's look has shape {tuple(route.look.shape)}, expected ({dim},)")
+        routed = any(r is not None for r in routes)  # buffers (C, D), (C,), (C,): strength 0 = not routed
+        self.register_buffer("route_looks", torch.stack([r.look.float() if r else torch.zeros(dim) for r in routes])
+                             if routed else None)
+        self.register_buffer("route_strength", torch.tensor([r.strength if r else 0.0 for r in routes])
+                             if routed else None)
+        self.register_buffer("route_temperature", torch.tensor([r.temperature if r else 1.0 for r in routes])
+                             if routed else None)
+
+    @property
+    def routed(self) -> bool:
+        return self.route_strength is not None and bool((self.route_strength > 0).any())
 
     def token_values(self) -> torch.Tensor:
         """(C, D): the vectors the tokens are made of (normalised anchor + normalised vector where anchored)."""
@@ -86,6 +138,9 @@ class ConceptInjector:
                 f"concept width {bank.dim} does not match {backbone.backbone_type} injection point "
                 f"{backbone.injection!r} of width {backbone.concept_dim}"
             )
+        if bank.routed and not backbone.supports_routing:
+            raise ValueError(f"query routing needs a backbone whose learned queries read the image (BLIP-2); "
+                             f"{backbone.backbone_type} has none: train the concept with route=0")
         self.backbone = backbone
         self.bank = bank
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
@@ -163,6 +218,23 @@ class ConceptInjector:
         tokens = nn.functional.normalize(values, dim=-1) * target_norm[:, None, None]
         tokens = tokens * mask[..., None]  # padded slots carry zeros (they are masked out as well)
         return tokens.to(image_tokens.dtype), mask
+
+    def route_weights(self, image_tokens: torch.Tensor) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """Where each active routed concept is among ``image_tokens`` (B, N, D): ((B, K, N) weights summing to 1
+        over the patch tokens, (B, K) route strengths, 0 for unrouted slots); None when no active slot is routed."""
+        if self._ids is None or not self.bank.routed:
+            return None
+        ids, mask = self._ids.to(image_tokens.device), self._mask.to(image_tokens.device)
+        strength = self.bank.route_strength.to(image_tokens.device)[ids] * mask  # (B, K)
+        if not bool((strength > 0).any()):
+            return None
+        looks = self.bank.route_looks.to(image_tokens.device)[ids]  # (B, K, D)
+        likeness = nn.functional.normalize(looks, dim=-1) @ nn.functional.normalize(
+            image_tokens.detach().float(), dim=-1).transpose(1, 2)  # (B, K, N)
+        offset = grid_offset(image_tokens.shape[1]) or 0
+        likeness[..., :offset] = -torch.inf  # a leading class token is nowhere
+        temperature = self.bank.route_temperature.to(image_tokens.device)[ids]  # (B, K)
+        return torch.softmax(likeness / temperature[..., None], dim=-1), strength
 
     # ---- attention regularizer ---------------------------------------------------------------
     def record_attention(self, concept_probs: torch.Tensor, query_mask: Optional[torch.Tensor] = None) -> None:

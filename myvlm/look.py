@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 import torch
 from PIL import Image
 
-from myvlm.injection import ConceptBank, ConceptInjector
+from myvlm.injection import ConceptBank, ConceptInjector, grid_offset
 
 if TYPE_CHECKING:
     from myvlm.backbones.base import Backbone
@@ -61,11 +61,10 @@ def image_tokens(backbone: "Backbone", images: Sequence[Image.Image]) -> torch.T
 def box_mask(tokens: int, box: Box) -> Optional[torch.Tensor]:
     """(tokens,) bool: the patch tokens of a square grid whose centres lie in ``box``; a leading class token
     (1 + g*g tokens) is left out. None when the tokens are not a grid (the caller then uses them all)."""
-    grid, offset = math.isqrt(tokens), 0
-    if grid * grid != tokens:
-        grid, offset = math.isqrt(tokens - 1), 1
-        if grid * grid != tokens - 1:
-            return None
+    offset = grid_offset(tokens)
+    if offset is None:
+        return None
+    grid = math.isqrt(tokens - offset)
     centres = (torch.arange(grid, dtype=torch.float32) + 0.5) / grid
     left, top, right, bottom = box
     cols = (centres >= left) & (centres < right)

@@ -72,7 +72,9 @@ class MyVLM:
         names = list(self.concepts)
         values = (torch.stack([self.concepts[n].embedding for n in names]) if names
                   else torch.zeros(0, self.backbone.concept_dim))
-        bank = ConceptBank(names, self.backbone.concept_dim, values=values).to(self.backbone.device)
+        routes = [self.concepts[n].route for n in names]
+        bank = ConceptBank(names, self.backbone.concept_dim, values=values,
+                           routes=routes if any(routes) else None).to(self.backbone.device)
         bank.requires_grad_(False)
         return bank
 

@@ -194,9 +194,9 @@ def train_concepts(
 
     def next_batch() -> tuple[list[int], dict[str, torch.Tensor]]:  # the only consumer of rng and augmentation
         indices = sampler.next()
-        images = [augment(examples[i].image) for i in indices]
-        prompts, targets = sample_tasks(examples, indices, rng)
-        return indices, backbone.prepare_batch(images, targets, prompts)
+        images, mirrored = zip(*(augment.apply(examples[i].image) for i in indices))
+        prompts, targets = sample_tasks(examples, indices, rng, mirrored)
+        return indices, backbone.prepare_batch(list(images), targets, prompts)
 
     batches = Prefetcher(next_batch, count=config.steps - start, enabled=config.prefetch)
     try:

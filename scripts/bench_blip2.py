@@ -2,6 +2,7 @@
 
     python scripts/bench_blip2.py                        # tiny random BLIP-2 on the CPU
     python scripts/bench_blip2.py --real-dims --device cuda --steps 30   # BLIP-2 OPT-2.7B sizes, random bf16
+    python scripts/bench_blip2.py --route 1.0            # with query routing (one more Q-Former pass per forward)
 
 It runs the library's own ``personalize`` training loop (``myvlm.training.train_concepts``)
 and times it from outside: forward hooks on the vision encoder, the Q-Former and the
@@ -30,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from myvlm.backbones.blip2 import Blip2Backbone  # noqa: E402
 from myvlm.config import BackboneConfig, TrainConfig  # noqa: E402
 from myvlm.data import make_examples  # noqa: E402
-from myvlm.injection import ConceptBank, ConceptInjector  # noqa: E402
+from myvlm.injection import ConceptBank, ConceptInjector, Route  # noqa: E402
 from myvlm.training import train_concepts  # noqa: E402
 
 logger = logging.getLogger("bench_blip2")
@@ -75,6 +76,7 @@ class Stopwatch:
 
     def __init__(self, device: torch.device):
         self.device, self.totals, self._starts = device, defaultdict(float), {}
+        self._depth: dict[str, int] = defaultdict(int)  # a module called inside itself (routing's probing pass)
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -82,12 +84,16 @@ class Stopwatch:
 
     def watch(self, name: str, module: torch.nn.Module) -> None:
         def start(*_):
-            self._sync()
-            self._starts[name] = time.perf_counter()
+            self._depth[name] += 1
+            if self._depth[name] == 1:
+                self._sync()
+                self._starts[name] = time.perf_counter()
 
         def stop(*_):
-            self._sync()
-            self.totals[name] += time.perf_counter() - self._starts.pop(name)
+            self._depth[name] -= 1
+            if self._depth[name] == 0:
+                self._sync()
+                self.totals[name] += time.perf_counter() - self._starts.pop(name)
 
         module.register_forward_pre_hook(start)
         module.register_forward_hook(stop)
@@ -118,6 +124,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest for tiny models)")
+    parser.add_argument("--route", type=float, default=0.0, help="query routing strength (0: off, the paper's)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/myvlm-bench"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -141,7 +148,8 @@ def main() -> None:
     backbone.prepare_batch = watch.wrap("batch preparation", backbone.prepare_batch)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    bank = ConceptBank(["bench"], backbone.concept_dim)
+    look = torch.randn(backbone.concept_dim, generator=torch.Generator().manual_seed(0))  # any look costs the same
+    bank = ConceptBank(["bench"], backbone.concept_dim, routes=[Route(look, args.route)] if args.route else None)
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, checkpoint_every=0)
     result = train_concepts(backbone, bank, examples, config, progress=False)
     train_seconds = result.seconds
@@ -161,6 +169,7 @@ def main() -> None:
         ("device", f"{device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'})"),
         ("model", "BLIP-2 OPT-2.7B dims, random" if args.real_dims else "tiny random BLIP-2"),
         ("dtype / batch / steps", f"{str(dtype).split('.')[1]} / {args.batch_size} / {args.steps}"),
+        ("query routing", f"strength {args.route}" if args.route else "off"),
         ("sequence length (tokens)", str(seq_len)),
         ("load / build (s)", f"{load_seconds:.2f}"),
         ("training (s)", f"{train_seconds:.2f}"),

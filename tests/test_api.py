@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any, Sequence
 
@@ -157,3 +158,25 @@ def test_same_seed_same_concept_whatever_ran_before(backbone, photos):
     other = myvlm.personalize(photos, name="my_dog", captions=CAPTIONS, backbone=backbone, head=AlwaysOnHead(),
                               train=TrainConfig(steps=4, checkpoint_every=2, seed=1), progress=False)
     assert not torch.equal(other.embedding, runs[0])
+
+
+def test_routed_concept_trains_saves_and_is_routed_when_used(backbone, photos, tmp_path):
+    train = TrainConfig(steps=2, checkpoint_every=0, route=2.0, route_temperature=0.05)
+    concept = myvlm.personalize(photos, name="my_dog", captions=CAPTIONS, backbone=backbone, head="test_redness",
+                                train=train, output_dir=tmp_path / "my_dog", progress=False)
+    assert concept.route is not None and concept.route.strength == 2.0 and concept.route.temperature == 0.05
+    assert concept.route.look.shape == (backbone.concept_dim,)
+    loaded = load_concept(tmp_path / "my_dog")
+    assert torch.equal(loaded.route.look, concept.route.look) and loaded.route.strength == 2.0
+    unrouted = dataclasses.replace(loaded, name="plain", route=None)
+    blue = solid_image((10, 10, 250))
+    seen = []
+    attention = backbone.model.qformer.encoder.layer[0].crossattention.attention
+    handle = attention.register_forward_hook(lambda module, args, output: seen.append(output[1][..., -1].clone()))
+    try:
+        for c in (loaded, unrouted):
+            MyVLM(backbone, [c]).caption([blue], force=[c.name], progress=False)
+    finally:
+        handle.remove()
+    # the routed concept's token is read less (a routing pass without it, then the routed pass, then the plain one)
+    assert len(seen) == 3 and float(seen[1].sum()) < float(seen[2].sum())

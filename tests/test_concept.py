@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -10,6 +11,7 @@ from safetensors.torch import load_file
 
 from myvlm import Concept, ConceptError, MyVLM, load_concept, load_library
 from myvlm.heads import AlwaysOnHead
+from myvlm.injection import Route
 
 
 def make_concept(backbone, name="my_dog", seed=0) -> Concept:
@@ -96,3 +98,18 @@ def test_library_loads_every_concept_and_skips_corrupt_ones(backbone, tmp_path, 
 def test_bad_concept_names_are_refused(backbone, name):
     with pytest.raises(ConceptError, match="concept name"):
         Concept(name=name, identifier="sks", kind="object", embedding=torch.zeros(4), backbone={})
+
+
+def test_a_routed_concept_keeps_its_route_and_is_refused_by_older_readers(backbone, tmp_path):
+    look = torch.randn(backbone.concept_dim)
+    concept = dataclasses.replace(make_concept(backbone), route=Route(look, 1.5, 0.03))
+    folder = concept.save(tmp_path / "my_dog")
+    meta = json.loads((folder / "concept.json").read_text())
+    assert meta["route"] == {"strength": 1.5, "temperature": 0.03}
+    assert meta["format_version"] == 2  # myvlm before routing reads version 1 only, and would drop the route
+    loaded = load_concept(folder)
+    assert torch.equal(loaded.route.look, look) and loaded.metadata() == concept.metadata()
+    assert json.loads(make_concept(backbone).save(tmp_path / "plain").joinpath("concept.json").read_text())[
+        "format_version"] == 1
+    with pytest.raises(ConceptError, match="look has shape"):
+        dataclasses.replace(concept, route=Route(torch.zeros(3), 1.0))

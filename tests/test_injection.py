@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from myvlm.injection import ConceptBank, ConceptInjector
+from myvlm.injection import ConceptBank, ConceptInjector, Route
 
 
 def vision_tokens_seen_by_qformer(backbone, batch, injector=None, active=None):
@@ -129,3 +129,65 @@ def test_mismatched_width_and_bad_gating_are_clear_errors(backbone):
     with injector, pytest.raises(KeyError, match="unknown concept"):
         with injector.activate([["zzz"]]):
             pass
+
+
+def layer0_probs(backbone, batch, injector=None, active=None):
+    """The first cross-attention layer's probabilities in the forward that carries the concept tokens (the
+    routing's probing pass, without them, is left out), (B, H, Q, N [+ K])."""
+    seen = []
+    attention = backbone.model.qformer.encoder.layer[0].crossattention.attention
+    handle = attention.register_forward_hook(lambda module, args, output: seen.append(output[1].detach()))
+    try:
+        vision_tokens_seen_by_qformer(backbone, batch, injector, active)
+    finally:
+        handle.remove()
+    return seen[-1]
+
+
+def test_routing_scales_each_querys_reading_of_the_token_by_its_attention_on_the_concept(backbone, batch):
+    states, _, _ = vision_tokens_seen_by_qformer(backbone, batch)  # (B, N, D) the Q-Former's image tokens
+    strength, temperature = 1.5, 0.05
+    look = states[0, 5].clone()  # the concept looks like image 0's patch token 5
+    values = torch.randn(1, backbone.concept_dim, generator=torch.Generator().manual_seed(0))
+    plain, routed = (ConceptBank(["a"], backbone.concept_dim, values=values, routes=routes)
+                     for routes in (None, [Route(look, strength, temperature)]))
+    with ConceptInjector(backbone, plain) as injector:
+        unrouted = layer0_probs(backbone, batch, injector, [["a"]] * 3)
+    with ConceptInjector(backbone, routed) as injector:
+        rerouted = layer0_probs(backbone, batch, injector, [["a"]] * 3)
+    without_token = layer0_probs(backbone, batch)  # (B, H, Q, N)
+
+    likeness = torch.nn.functional.cosine_similarity(states, look[None, None], dim=-1)  # (B, N)
+    likeness[:, 0] = -torch.inf  # the ViT's class token is nowhere
+    where = torch.softmax(likeness / temperature, dim=-1)
+    mass = (without_token.mean(dim=1) * where[:, None, :]).sum(-1)  # (B, Q) each query's attention on the concept
+    expected = (mass / mass.amax(dim=1, keepdim=True)) ** strength
+    # the token's odds against any image token, per query, are multiplied by (m_q / max m) ** strength
+    odds = rerouted[..., -1] / rerouted[..., 1] / (unrouted[..., -1] / unrouted[..., 1])  # (B, H, Q)
+    torch.testing.assert_close(odds, expected[:, None, :].expand_as(odds), rtol=1e-3, atol=1e-6)
+    assert float(expected.min()) < 0.5  # some queries really are turned away from the token
+    torch.testing.assert_close(rerouted[..., :-1].sum(-1) + rerouted[..., -1], torch.ones_like(rerouted[..., -1]))
+
+
+def test_routing_leaves_unrouted_concepts_and_samples_alone(backbone, batch):
+    values = torch.randn(2, backbone.concept_dim, generator=torch.Generator().manual_seed(1))
+    look = torch.randn(backbone.concept_dim)
+    plain = ConceptBank(["a", "b"], backbone.concept_dim, values=values)
+    half = ConceptBank(["a", "b"], backbone.concept_dim, values=values, routes=[Route(look, 2.0), None])
+    with ConceptInjector(backbone, plain) as injector:
+        expected = layer0_probs(backbone, batch, injector, [["b"], [], ["b"]])
+    with ConceptInjector(backbone, half) as injector:
+        seen = layer0_probs(backbone, batch, injector, [["b"], [], ["b"]])
+        routed = layer0_probs(backbone, batch, injector, [["a"], [], ["b"]])
+    torch.testing.assert_close(seen, expected)  # only the unrouted concept is active: nothing changes
+    torch.testing.assert_close(routed[1:], expected[1:])  # the samples without the routed concept are untouched
+    assert not torch.allclose(routed[0], expected[0])
+
+
+def test_bad_routes_are_clear_errors(backbone):
+    with pytest.raises(ValueError, match="strength"):
+        Route(torch.zeros(4), -1.0)
+    with pytest.raises(ValueError, match="look has shape"):
+        ConceptBank(["a"], backbone.concept_dim, routes=[Route(torch.zeros(3), 1.0)])
+    with pytest.raises(ValueError, match="routes for"):
+        ConceptBank(["a"], backbone.concept_dim, routes=[None, None])

@@ -13,7 +13,7 @@ from myvlm.concept import Concept, ConceptError
 from myvlm.backbones.llava import SDPA_WITH_QUERY_KEY
 from myvlm.config import AugmentConfig, TrainConfig
 from myvlm.data import TrainingExample, make_examples, sample_tasks
-from myvlm.injection import ConceptBank, ConceptInjector
+from myvlm.injection import ConceptBank, ConceptInjector, Route
 from myvlm.training import train_concepts
 from myvlm.vqa import QUESTIONS, generate_vqa_data, read_vqa_file, replace_class_word
 
@@ -228,6 +228,12 @@ def test_attention_forms_are_checked(llava, backbone):
     with pytest.raises(ValueError, match="to_concept"):  # BLIP-2's Q-Former has no concept query
         with backbone.penalize_attention("from_concept"):
             pass
+
+
+def test_query_routing_is_refused_without_queries(llava):
+    routed = ConceptBank(["a"], llava.concept_dim, routes=[Route(torch.ones(llava.concept_dim), 1.0)])
+    with pytest.raises(ValueError, match="query routing needs"):
+        ConceptInjector(llava, routed)
 
 
 @pytest.mark.parametrize("variant,injection", [("llava", "projector_input"), ("llava", "projector_output"),

@@ -150,3 +150,32 @@ def test_bfloat16_backbone_trains_with_its_fp32_qformer(tiny_blip2_path, photos)
     assert bank.values.dtype == torch.float32  # the concept itself stays fp32
     with ConceptInjector(bf16, bank) as injector, injector.activate([["dog"]] * 2):
         assert len(bf16.generate(photos[:2], max_new_tokens=3)) == 2
+
+
+def test_augmentation_flips_as_before_and_says_which_photos_it_mirrored(photos):
+    """The flip is drawn as torchvision's RandomHorizontalFlip draws it, so runs without mirrored captions are
+    the same as before they existed; a mirrored photo trains on its mirrored captions."""
+    from torchvision.transforms import v2
+
+    from myvlm.data import Augmenter, sample_tasks
+
+    config = AugmentConfig()
+    reference = v2.Compose([v2.RandomHorizontalFlip(p=config.hflip_p), v2.ColorJitter(brightness=config.brightness),
+                            v2.RandomRotation(degrees=config.rotation_degrees)])
+    torch.manual_seed(0)
+    expected = [reference(photos[0]) for _ in range(12)]
+    torch.manual_seed(0)
+    seen = [Augmenter(config).apply(photos[0]) for _ in range(12)]
+    assert all(list(a.getdata()) == list(b.getdata()) for a, (b, _) in zip(expected, seen))
+    assert 0 < sum(flipped for _, flipped in seen) < 12
+    unflipped = Augmenter(AugmentConfig(hflip_p=0.0)).apply(photos[0])
+    assert unflipped[1] is False
+
+    examples = make_examples(photos[:2], [["sks left of a cat"], ["sks above a cat"]], name="dog", identifier="sks",
+                             mirrored=[["a cat left of sks"], []])
+    assert examples[0].mirrored_captions == ["a cat left of sks"] and examples[1].mirrored_captions == []
+    rng = __import__("random").Random(0)
+    _, targets = sample_tasks(examples, [0, 1, 0, 1], rng, mirrored=[True, True, False, False])
+    assert targets == ["a cat left of sks", "sks above a cat", "sks left of a cat", "sks above a cat"]
+    with pytest.raises(ValueError, match="mirrored"):
+        make_examples(photos[:1], [["sks left of a cat"]], name="dog", identifier="sks", mirrored=[["a cat"]])

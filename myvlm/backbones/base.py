@@ -104,6 +104,7 @@ class Backbone(ABC):
     injection_points: ClassVar[tuple[str, ...]]  # first one is the default
     default_prompt: ClassVar[Optional[str]] = None  # captioning prompt, for backbones that take one
     attention_forms: ClassVar[tuple[str, ...]] = ("to_concept",)  # regularizer forms it records; first = default
+    supports_routing: ClassVar[bool] = False  # learned queries a concept token can be routed to (myvlm.injection.Route)
 
     def __init__(self, model: nn.Module, processor: Any, config: BackboneConfig):
         self.model = model
