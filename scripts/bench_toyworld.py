@@ -52,6 +52,8 @@ def parse_args() -> argparse.Namespace:
                         help="with --head-only: training photos per fit (several values: one table row each)")
     parser.add_argument("--task", default="caption", choices=["caption", "vqa"],
                         help="vqa: also train on and score questions about the concept (LLaVA)")
+    parser.add_argument("--plain-flips", action="store_true",
+                        help="flipped training photos keep their own captions (before mirrored captions existed)")
     parser.add_argument("--positives", type=int, default=20)
     parser.add_argument("--negatives", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1)
@@ -91,7 +93,7 @@ def main() -> None:
 
     cfg = BenchConfig(train=overrides(args.set), probe=overrides(args.probe), eval_pool=args.pool,
                       eval_positives=args.positives, eval_negatives=args.negatives, head=args.head,
-                      task=args.task, clip=args.clip)
+                      task=args.task, clip=args.clip, mirrored_captions=not args.plain_flips)
     concepts = [BY_NAME[n] for n in args.concepts] if args.concepts else list(CONCEPTS)
     if args.head_only:
         bench_heads(cfg, concepts, args.head_positives, args.splits)

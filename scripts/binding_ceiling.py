@@ -15,7 +15,8 @@ but the concept, as ``bench_toyworld.py`` scores it) and how often the identifie
 - ``train+name``: the name vector + the mean look over the 4 training photos (what a token learned from
   them could carry);
 - ``name``: the name vector alone;
-- ``trained``: the vector ``personalize`` learns (the toy-world settings, ``TOY_TRAIN``, with the head).
+- ``trained``: the vector ``personalize`` learns (the toy-world settings, ``TOY_TRAIN``, with the head), used
+  with its query routing where it has one (the other tokens are not routed).
 
 Each token is the sum of the normalised parts, normalised and scaled like any concept token. The base row
 is the frozen model's context accuracy without a token.
@@ -34,7 +35,7 @@ import torch.nn.functional as F
 
 from myvlm import BackboneConfig, load_backbone
 from myvlm.data import contains_identifier
-from myvlm.injection import ConceptBank, ConceptInjector
+from myvlm.injection import ConceptBank, ConceptInjector, Route
 from myvlm.look import Box, look_vector, look_vectors
 from myvlm.toyworld.bench import TRAIN_PHOTOS, BenchConfig, concept_slot, context_facts, personalize_concept
 from myvlm.toyworld.concepts import BY_NAME, CONCEPTS, concept_photos
@@ -52,13 +53,15 @@ def concept_box(scene) -> Box:
     return xs.min() / SIZE, ys.min() / SIZE, (xs.max() + 1) / SIZE, (ys.max() + 1) / SIZE
 
 
-def captions(backbone, values: Optional[torch.Tensor], images: list, identifier: str) -> list[str]:
-    """Captions with ``values[i]`` as image i's concept token (None: the frozen model)."""
+def captions(backbone, values: Optional[torch.Tensor], images: list, identifier: str,
+             route: Optional[Route] = None) -> list[str]:
+    """Captions with ``values[i]`` as image i's concept token (None: the frozen model), routed by ``route``."""
     prompts = [backbone.caption_prompt([identifier] if values is not None else [])] * len(images)
     prompts = None if prompts[0] is None else prompts
     if values is None:
         return backbone.generate(images, prompts) if prompts else backbone.generate(images)
-    bank = ConceptBank([f"photo{i}" for i in range(len(images))], values.shape[1], values=values)
+    bank = ConceptBank([f"photo{i}" for i in range(len(images))], values.shape[1], values=values,
+                       routes=[route] * len(images) if route is not None else None)
     with ConceptInjector(backbone, bank) as injector, injector.activate([[i] for i in range(len(images))]):
         return backbone.generate(images, prompts) if prompts else backbone.generate(images)
 
@@ -73,16 +76,18 @@ def score(texts: list[str], photos: list, identifier: str, named: bool = True) -
     return (float(np.mean(slots)) if slots else float("nan")), float(np.mean(facts)), float(np.mean(said))
 
 
-def tokens_for(backbone, concept, names: dict[str, torch.Tensor], photos: list, pool: str) -> dict[str, torch.Tensor]:
-    """Each kind of token, (n, D) for the n ``photos``."""
+def tokens_for(backbone, concept, names: dict[str, torch.Tensor], photos: list,
+               pool: str) -> tuple[dict[str, torch.Tensor], Optional[Route]]:
+    """Each kind of token, (n, D) for the n ``photos``, and the trained token's route."""
     n = len(photos)
     name = F.normalize(names[concept.identifier].float(), dim=0)
     here = F.normalize(look_vectors(backbone, [im for im, _ in photos], [concept_box(s) for _, s in photos]), dim=1)
     train = concept_photos(concept, "train", TRAIN_PHOTOS)
     trained_look = F.normalize(look_vector(backbone, [im for im, _ in train], [concept_box(s) for _, s in train]), dim=0)
-    trained = personalize_concept(backbone, concept, 0, BenchConfig(eval_pool=pool)).embedding.float()
+    personalized = personalize_concept(backbone, concept, 0, BenchConfig(eval_pool=pool))
+    trained = personalized.embedding.float()
     return {"here+name": here + name, "train+name": (trained_look + name).expand(n, -1),
-            "name": name.expand(n, -1), "trained": F.normalize(trained, dim=0).expand(n, -1)}
+            "name": name.expand(n, -1), "trained": F.normalize(trained, dim=0).expand(n, -1)}, personalized.route
 
 
 def main() -> None:
@@ -106,9 +111,10 @@ def main() -> None:
         images = [im for im, _ in photos]
         results = {"base": score(captions(backbone, None, images, concept.identifier), photos, concept.identifier,
                                  named=False)}
-        for kind, values in tokens_for(backbone, concept, names, photos, args.pool).items():
-            results[kind] = score(captions(backbone, values.contiguous(), images, concept.identifier), photos,
-                                  concept.identifier)
+        tokens, route = tokens_for(backbone, concept, names, photos, args.pool)
+        for kind, values in tokens.items():
+            results[kind] = score(captions(backbone, values.contiguous(), images, concept.identifier,
+                                           route if kind == "trained" else None), photos, concept.identifier)
         for kind, result in results.items():
             rows.setdefault(kind, []).append(result)
         print(f"{concept.name:<8} " + " ".join(f"{r[0]:>6.2f} /{r[1]:>5.2f} /{r[2]:>5.2f}" for r in results.values()),

@@ -22,7 +22,7 @@ import numpy as np
 
 from myvlm.data import contains_identifier
 from myvlm.toyworld.concepts import (
-    PersonalConcept, concept_photos, hard_negative_photos, target_caption, unrelated_photos,
+    PersonalConcept, concept_photos, hard_negative_photos, mirrored_targets, target_caption, unrelated_photos,
 )
 from myvlm.toyworld.pretrain import parse_phrase
 from myvlm.toyworld.questions import concept_questions
@@ -56,8 +56,14 @@ TOY_PROBE = {"crops": [[0.375, 0.125], [0.5, 0.25]], "threshold": 0.95,
 # at the paper's lr): recall 90.4%, context 72% vs 82%, identifier in the concept's place 58% (val; from a random
 # start 90.8%, 69%, 57%); on test 91.4%, 72.4% vs 84.0% (91.9%, 70.3%). On a BLIP-2 pretrained with details on its
 # objects the anchor did more on val (place 75%, context 77% vs 82%) but not on test (README, "The ceiling").
+# Then query routing (TrainConfig.route; README, "Query routing"), with flipped photos trained on their mirrored
+# captions (BenchConfig.mirrored_captions): the token is read mostly by the Q-Former queries that look where the
+# concept is, and a random start does better than the anchor (which failed to learn one split's name on test).
+# On val (recall / context vs 82.3% / place): strength 1 with the anchor 89.2% / 77.8% / 72.5%, from a random start
+# 90.4% / 76.7% / 72.5%; random start, strength 1.5 90.4% / 77.2%, 2 90.4% / 78.1% / 76%, 3 87.5% / 78.2%, 5 85.0%.
+# On test, strength 2 from a random start: 91.0%, 77.3% vs 84.0%, place 68% (the anchored token before: 91.4%, 72.4%).
 TOY_TRAIN = {"llava": {"init": "look", "lr": 0.01},
-             "blip2": {"init": "anchor", "reg_lambda": 1.0, "augment": {"rotation_degrees": 0.0}}}
+             "blip2": {"route": 2.0, "reg_lambda": 1.0, "augment": {"rotation_degrees": 0.0}}}
 
 
 def toy_train(backbone_type: str, overrides: Optional[dict[str, Any]] = None) -> dict[str, Any]:
@@ -81,6 +87,7 @@ class BenchConfig:
     head: Optional[str] = None  # None = clip_probe on the toy-world CLIP; a registry name (e.g. "always_on")
     clip: Optional[str] = None  # toy-world CLIP checkpoint for the clip_probe (None = the shipped one)
     task: str = "caption"  # "vqa": train on captions and questions about the concept, and score answers too
+    mirrored_captions: bool = True  # a flipped training photo trains on its mirrored caption (False: on its own)
 
 
 @dataclass
@@ -164,7 +171,8 @@ def personalize_concept(backbone, concept: PersonalConcept, split: int, cfg: Ben
     questions = [concept_questions(scene, concept.identifier) for _, scene in photos] if cfg.task == "vqa" else None
     return personalize(
         [im for im, _ in photos], concept.name, identifier=concept.identifier,
-        captions=[[target_caption(scene)] for _, scene in photos], class_word=concept.class_word,
+        captions=[[target_caption(scene)] for _, scene in photos],
+        mirrored_captions=mirrored_targets(photos) if cfg.mirrored_captions else None, class_word=concept.class_word,
         backbone=backbone, negatives=head_negatives(concept, cfg.head_negatives),
         head=toy_head(cfg.probe, cfg.head, cfg.clip),
         train=toy_train(backbone.backbone_type, cfg.train), progress=progress,

@@ -34,6 +34,7 @@ from myvlm.toyworld.scenes import (
     Appearance,
     Scene,
     caption,
+    mirrored_caption,
     render,
     sample_scene,
 )
@@ -154,3 +155,9 @@ def unrelated_photos(concept: PersonalConcept, split: str, n: int) -> list[tuple
 def target_caption(scene: Scene) -> str:
     """The personalization target: the ground-truth caption naming the concept by its identifier."""
     return caption(scene)
+
+
+def mirrored_targets(photos: list[tuple[Image.Image, Scene]]) -> list[list[str]]:
+    """``personalize``'s ``mirrored_captions`` for toy-world photos: the target of each photo mirrored (a
+    flip in the augmentation would otherwise teach "zib left of a star" on a photo of a star left of zib)."""
+    return [[mirrored_caption(scene)] for _, scene in photos]

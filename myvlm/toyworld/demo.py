@@ -24,7 +24,7 @@ from typing import Any, Optional, Union
 from myvlm.toyworld.bench import (
     TRAIN_PHOTOS, BenchConfig, evaluation_sets, head_negatives, measure, toy_head, toy_train,
 )
-from myvlm.toyworld.concepts import BY_NAME, concept_photos, target_caption
+from myvlm.toyworld.concepts import BY_NAME, concept_photos, mirrored_targets, target_caption
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +82,8 @@ def run_toyworld_demo(workdir: Union[str, Path, None] = None, concept: str = DEF
         started = time.perf_counter()
         trained = personalize(
             [im for im, _ in photos], concept, identifier=toy.identifier,
-            captions=[[target_caption(s)] for _, s in photos], class_word=toy.class_word, backbone=backbone,
+            captions=[[target_caption(s)] for _, s in photos], mirrored_captions=mirrored_targets(photos),
+            class_word=toy.class_word, backbone=backbone,
             negatives=negatives, head=toy_head(),
             train=toy_train(backbone.backbone_type, {"steps": steps, "seed": seed}),
             progress=progress, output_dir=report.workdir / "concepts" / concept if report.workdir else None,

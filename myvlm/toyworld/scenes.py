@@ -201,6 +201,15 @@ def caption(scene: Scene, names: bool = True, name_concepts: bool = True) -> str
     return f"{body} on a {scene.background} background"
 
 
+def mirrored_caption(scene: Scene, names: bool = True, name_concepts: bool = True) -> str:
+    """The caption of the scene's photo mirrored left-right: what is left of something is then right of it,
+    so two objects side by side and three in a row are named in the other order ("above" stays)."""
+    objects = list(scene.objects)
+    if len(objects) == 3 or (len(objects) == 2 and scene.relation == "left of"):
+        objects.reverse()
+    return caption(replace(scene, objects=objects), names, name_concepts)
+
+
 _CAPTION = re.compile(r"^(?P<body>.+) on a (?P<background>\w+) background$")
 
 
