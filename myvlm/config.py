@@ -67,6 +67,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.init not in INITS:
             raise ValueError(f"unknown training init {self.init!r}; known: {list(INITS)}")
+        self.route, self.route_temperature = float(self.route), float(self.route_temperature)  # YAML may give ints
         if self.route < 0 or self.route_temperature <= 0:
             raise ValueError(f"route must be >= 0 and route_temperature > 0, "
                              f"got {self.route}, {self.route_temperature}")
