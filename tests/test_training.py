@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 
@@ -174,8 +176,7 @@ def test_augmentation_flips_as_before_and_says_which_photos_it_mirrored(photos):
     examples = make_examples(photos[:2], [["sks left of a cat"], ["sks above a cat"]], name="dog", identifier="sks",
                              mirrored=[["a cat left of sks"], []])
     assert examples[0].mirrored_captions == ["a cat left of sks"] and examples[1].mirrored_captions == []
-    rng = __import__("random").Random(0)
-    _, targets = sample_tasks(examples, [0, 1, 0, 1], rng, mirrored=[True, True, False, False])
+    _, targets = sample_tasks(examples, [0, 1, 0, 1], random.Random(0), mirrored=[True, True, False, False])
     assert targets == ["a cat left of sks", "sks above a cat", "sks left of a cat", "sks above a cat"]
     with pytest.raises(ValueError, match="mirrored"):
         make_examples(photos[:1], [["sks left of a cat"]], name="dog", identifier="sks", mirrored=[["a cat"]])
