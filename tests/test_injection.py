@@ -191,3 +191,14 @@ def test_bad_routes_are_clear_errors(backbone):
         ConceptBank(["a"], backbone.concept_dim, routes=[Route(torch.zeros(3), 1.0)])
     with pytest.raises(ValueError, match="routes for"):
         ConceptBank(["a"], backbone.concept_dim, routes=[None, None])
+
+
+def test_routing_without_readable_cross_attention_is_a_clear_error(backbone, batch):
+    routed = ConceptBank(["a"], backbone.concept_dim, routes=[Route(torch.randn(backbone.concept_dim), 1.0)])
+    config = backbone.model.qformer.config
+    eager, config._attn_implementation = config._attn_implementation, "sdpa"  # probabilities are not returned
+    try:
+        with ConceptInjector(backbone, routed) as injector, pytest.raises(RuntimeError, match="eager attention"):
+            vision_tokens_seen_by_qformer(backbone, batch, injector, [["a"]] * 3)
+    finally:
+        config._attn_implementation = eager
