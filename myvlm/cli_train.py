@@ -121,18 +121,23 @@ def _check_output(output: Path, destination: Path, overwrite: bool) -> None:
             raise FileExistsError(f"{destination} already holds a concept; pass --overwrite to replace it")
 
 
-def _check_targets(images: list[Path], captions: Optional[list[list[str]]], concept: dict[str, Any]) -> None:
-    """Fail before loading a model: every captions.json entry must name the concept, or a class word is needed."""
-    from myvlm.data import make_examples
+def _check_targets(images: list[Path], captions: Optional[list[list[str]]], concept: dict[str, Any],
+                   mirrored: Optional[list[list[str]]] = None) -> None:
+    """Fail before loading a model: every captions.json (and mirrored_captions.json) entry must name the concept,
+    or a class word is needed."""
+    from myvlm.data import MIRRORED_FILE, make_examples
     from myvlm.images import load_image
 
     if captions is None:
+        if mirrored is not None:
+            raise ConfigError(f"{MIRRORED_FILE} needs a captions.json beside it (the captions of the photos "
+                              "themselves); add one, or remove it to train on the frozen VLM's own captions")
         if not concept.get("class_word"):
             raise ConfigError("the photos have no captions.json: pass --class-word WORD (e.g. --class-word dog) so the "
                               "frozen VLM's own captions become the targets, or add a captions.json")
         return
     make_examples([load_image(p) for p in images], captions, concept["name"], concept["identifier"],
-                  concept["kind"], [p.name for p in images])
+                  concept["kind"], [p.name for p in images], mirrored=mirrored)
 
 
 def _head_arguments(values: dict[str, Any], kind: str) -> dict[str, Any]:
@@ -155,6 +160,7 @@ def plan_job(cfg: Any) -> TrainJob:
     """Check the composed config and the data; build the arguments of ``personalize``."""
     from myvlm.concept import KINDS, check_name
     from myvlm.config import BackboneConfig, TrainConfig
+    from myvlm.data import read_mirrored_captions
 
     values = resolve(cfg, _HINTS)
     concept = values["concept"]
@@ -171,13 +177,14 @@ def plan_job(cfg: Any) -> TrainJob:
     destination = output / concept["name"]
     _check_output(output, destination, bool(values["overwrite"]))
     images, captions, folder = _training_photos(values["data"], concept["name"])
-    _check_targets(images, captions, concept)
+    mirrored = read_mirrored_captions(folder, [p.name for p in images]) if folder is not None else None
+    _check_targets(images, captions, concept, mirrored)
     negatives = values["data"].get("negatives")
     if negatives and not Path(negatives).is_dir():
         raise ConfigError(f"--negatives {negatives} is not a folder")
     kwargs = dict(identifier=concept["identifier"], class_word=concept["class_word"], kind=concept["kind"],
                   backbone=backbone, negatives=Path(negatives) if negatives else None, train=train, task=task,
-                  **_head_arguments(values, concept["kind"]))
+                  mirrored_captions=mirrored, **_head_arguments(values, concept["kind"]))
     if task == "vqa" and folder is not None and (folder / "vqa.json").is_file():
         from myvlm.vqa import read_vqa_file
 

@@ -196,6 +196,31 @@ def read_captions_json(folder: Union[str, Path]) -> tuple[list[Path], list[list[
     return paths, captions
 
 
+MIRRORED_FILE = "mirrored_captions.json"
+
+
+def read_mirrored_captions(folder: Union[str, Path], names: Sequence[str]) -> Optional[list[list[str]]]:
+    """``folder/mirrored_captions.json`` (image file -> caption(s) of the photo mirrored left-right), in the
+    order of the photos ``names``; None without the file. A photo it leaves out trains on its own captions
+    when flipped (right for captions that say neither left nor right)."""
+    path = Path(folder) / MIRRORED_FILE
+    if not path.is_file():
+        return None
+    table = read_json_mapping(path, "image file names to the captions of their mirror images")
+    unknown = sorted(set(table) - set(names))
+    if unknown:
+        raise ValueError(f"{path} names {unknown}, which are not among the training photos {list(names)}; "
+                         "fix the names or remove the entries")
+    out = []
+    for name in names:
+        texts = table.get(name, [])
+        texts = [texts] if isinstance(texts, str) else texts
+        if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+            raise ValueError(f"{path}: the entry for {name!r} must be a caption or a list of captions")
+        out.append(list(texts))
+    return out
+
+
 def load_concept_folder(folder: Union[str, Path]) -> tuple[list[Image.Image], Optional[list[list[str]]], list[str]]:
     """Photos of a concept folder, with its captions.json when there is one (else captions are None)."""
     folder = Path(folder)

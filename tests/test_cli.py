@@ -156,6 +156,47 @@ def test_bad_captions_json_is_a_clear_error(captions, message, world, tiny_blip2
     assert not (tmp_path / "lib").exists()
 
 
+def test_mirrored_captions_json_reaches_training_in_photo_order(world, tiny_blip2_path, tmp_path, monkeypatch):
+    import myvlm.api
+
+    data = tmp_path / "data" / CONCEPT
+    shutil.copytree(world / "data" / CONCEPT, data)
+    names = list(json.loads((data / "captions.json").read_text()))
+    # one photo's mirror image is described, the others' are left out (they read the same both ways)
+    (data / "mirrored_captions.json").write_text(json.dumps({names[1]: "my_toy seen in a mirror"}))
+    seen = {}
+
+    def capture(images, name, output_dir=None, **kwargs):
+        seen.update(kwargs, images=images)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(myvlm.api, "personalize", capture)
+    assert main(train_args(world, tiny_blip2_path, "--data", str(tmp_path / "data"), "--output",
+                           str(tmp_path / "lib"))) == 1
+    assert [Path(p).name for p in seen["images"]] == names
+    assert seen["mirrored_captions"] == [[], ["my_toy seen in a mirror"]] + [[]] * (len(names) - 2)
+
+
+@pytest.mark.parametrize("mirrored,captions_json,message", [
+    ('{"gone.png": "my_toy"}', True, "names ['gone.png'], which are not among the training photos"),
+    ('{"beach.png": ["a red thing in a mirror"]}', True, "no caption of beach.png (mirrored) names the concept"),
+    ('{"beach.png": {"caption": "my_toy"}}', True, "the entry for 'beach.png' must be a caption or a list"),
+    ('{"beach.png": "my_toy in a mirror"}', False, "mirrored_captions.json needs a captions.json beside it"),
+])
+def test_bad_mirrored_captions_json_is_a_clear_error(mirrored, captions_json, message, world, tiny_blip2_path,
+                                                     tmp_path, capsys):
+    data = tmp_path / "data" / CONCEPT
+    shutil.copytree(world / "data" / CONCEPT, data)
+    if not captions_json:
+        (data / "captions.json").unlink()
+    (data / "mirrored_captions.json").write_text(mirrored)
+    argv = train_args(world, tiny_blip2_path, "--data", str(tmp_path / "data"), "--output", str(tmp_path / "lib"),
+                      "--class-word", "toy")
+    assert main(argv) in (1, 2)
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "lib").exists()
+
+
 def test_bare_folder_needs_a_class_word(world, tiny_blip2_path, tmp_path, capsys):
     for image in (world / "data" / CONCEPT).glob("*.png"):
         (tmp_path / "photos").mkdir(exist_ok=True)
@@ -258,4 +299,12 @@ def test_demo_on_the_toy_world_reports_its_metrics(tmp_path, capsys):
     assert main(["demo", "--workdir", str(tmp_path), "--steps", "10", "-q"]) == 0
     out = capsys.readouterr().out
     assert "the toy world" in out and "recall" in out and "false positives" in out
-    assert (tmp_path / "concepts").is_dir() and list((tmp_path / "data").glob("*/captions.json"))
+    assert (tmp_path / "concepts").is_dir()
+    # the data it wrote trains `myvlm train` as the demo trained: the flipped photos on their mirrored captions
+    from myvlm.data import read_mirrored_captions
+    from myvlm.toyworld.concepts import BY_NAME, concept_photos, mirrored_targets
+    from myvlm.toyworld.demo import DEFAULT_CONCEPT
+
+    folder = tmp_path / "data" / DEFAULT_CONCEPT
+    names = list(json.loads((folder / "captions.json").read_text()))
+    assert read_mirrored_captions(folder, names) == mirrored_targets(concept_photos(BY_NAME[DEFAULT_CONCEPT], "train", 4))

@@ -6,7 +6,8 @@
 
 It loads the shipped pretrained tiny BLIP-2 and tiny open_clip (``myvlm/toyworld/checkpoints``),
 writes 4 photos of one personal concept (a toy the base vocabulary has no word for) with their
-captions in the reference layout (``data/<concept>/captions.json``) plus head negatives, fits the
+captions in the reference layout (``data/<concept>/captions.json``, and ``mirrored_captions.json`` for the
+flipped photos) plus head negatives, fits the
 concept head and trains the concept embedding (the benchmark's settings: ``toy_train``), then captions unseen photos
 of the toy, of a look-alike (same class, other pattern) and of an unrelated scene, before and
 after, and measures recall / false positives / context on 20 + 40 unseen images.
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
+from myvlm.data import MIRRORED_FILE
 from myvlm.toyworld.bench import (
     TRAIN_PHOTOS, BenchConfig, evaluation_sets, head_negatives, measure, toy_head, toy_train,
 )
@@ -47,11 +49,12 @@ def _write_data(workdir: Path, name: str, photos: list, negatives: list) -> None
     folder, negative_folder = workdir / "data" / name, workdir / "data" / "negatives"
     folder.mkdir(parents=True, exist_ok=True)
     negative_folder.mkdir(parents=True, exist_ok=True)
-    captions = {}
-    for i, (image, scene) in enumerate(photos):
+    captions, mirrored = {}, {}
+    for i, ((image, scene), flipped) in enumerate(zip(photos, mirrored_targets(photos))):
         image.save(folder / f"{i}.png")
-        captions[f"{i}.png"] = [target_caption(scene)]
+        captions[f"{i}.png"], mirrored[f"{i}.png"] = [target_caption(scene)], flipped
     (folder / "captions.json").write_text(json.dumps(captions, indent=1) + "\n")
+    (folder / MIRRORED_FILE).write_text(json.dumps(mirrored, indent=1) + "\n")
     for i, image in enumerate(negatives):
         image.save(negative_folder / f"{i:02d}.png")
 
