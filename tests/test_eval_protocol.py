@@ -231,6 +231,29 @@ def test_interrupted_eval_resumes_only_missing_records(backbone, data_root, tmp_
         run(backbone, data_root, out, methods(), n_train=1)
 
 
+def test_mirrored_captions_json_goes_to_training_with_its_photo(backbone, data_root, tmp_path, monkeypatch):
+    import myvlm.eval.methods
+
+    folder = data_root / "red_toy"
+    files = sorted(p.name for p in folder.glob("*.png"))
+    (folder / "mirrored_captions.json").write_text(json.dumps({f: f"red_toy mirrored {f}" for f in files}))
+    calls, personalize = [], myvlm.eval.methods.personalize
+
+    def spy(images, **kwargs):
+        calls.append((images, kwargs["mirrored_captions"]))
+        return personalize(images, **kwargs)
+
+    monkeypatch.setattr(myvlm.eval.methods, "personalize", spy)
+    run(backbone, data_root, tmp_path / "out", [MyVLMMethod(train=QUICK)], concepts=["red_toy"])
+    assert len(calls) == 2  # one per split
+    for images, mirrored in calls:
+        assert len(images) == len(mirrored) == 2
+        for image, texts in zip(images, mirrored):
+            (text,) = texts
+            photo = Image.open(folder / text.split()[-1]).convert("RGB")
+            assert np.array_equal(np.asarray(image.convert("RGB")), np.asarray(photo))  # its own photo's mirror
+
+
 def test_record_store_drops_a_partial_last_line(tmp_path):
     (tmp_path / RECORDS_FILE).write_text('{"key": "a", "x": 1}\n{"key": "b", "x"')
     with RecordStore(tmp_path) as store:

@@ -9,6 +9,7 @@ Layout (every file but the images is optional, except the class words):
     data_root/classes.json            {"my_dog": "dog", "my_mug": "mug"}  (concept -> class word)
     data_root/<concept>/01.jpg ...
     data_root/<concept>/captions.json {"01.jpg": ["my_dog is lying on the beach"]}  targets for text similarity
+    data_root/<concept>/mirrored_captions.json {"01.jpg": ["..."]}  targets of the photo flipped, as in training
     data_root/<concept>/context.json  {"01.jpg": ["beach", "sand"]}  ground-truth context (context accuracy)
     data_root/<concept>/questions.json {"*": [{"question": "What color is my_dog?", "answers": ["brown"]}]}
 
@@ -29,7 +30,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 from PIL import Image
 
-from myvlm.data import read_captions_json, read_json_mapping
+from myvlm.data import read_captions_json, read_json_mapping, read_mirrored_captions
 from myvlm.images import IMAGE_SUFFIXES, list_images, load_image
 
 logger = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ class EvalImage:
     captions: list[str] = field(default_factory=list)  # target captions (captions.json), naming the concept
     context: list[str] = field(default_factory=list)  # ground-truth context words (context.json)
     questions: list[Question] = field(default_factory=list)  # questions with accepted answers (questions.json)
+    mirrored: list[str] = field(default_factory=list)  # captions of the image mirrored (mirrored_captions.json)
 
     @property
     def key(self) -> str:
@@ -140,11 +142,13 @@ def load_eval_concept(folder: Path, class_word: str) -> EvalConcept:
     else:
         paths = list_images(folder)
         captions = [[] for _ in paths]
+    mirrored = read_mirrored_captions(folder, [p.name for p in paths]) or [[] for _ in paths]
     context = _read_mapping(folder / CONTEXT_FILE) if (folder / CONTEXT_FILE).is_file() else {}
     images = []
-    for path, texts in sorted(zip(paths, captions), key=lambda pair: pair[0].name):
+    for path, texts, flipped in sorted(zip(paths, captions, mirrored), key=lambda row: row[0].name):
         questions = _questions(folder / QUESTIONS_FILE, path.name) if (folder / QUESTIONS_FILE).is_file() else []
-        images.append(EvalImage(folder.name, path, list(texts), _words(context.get(path.name, [])), questions))
+        images.append(EvalImage(folder.name, path, list(texts), _words(context.get(path.name, [])), questions,
+                                mirrored=flipped))
     return EvalConcept(folder.name, class_word, images)
 
 

@@ -104,6 +104,7 @@ class FitContext:
     vanilla: VanillaOutputs  # the frozen model's outputs
     work_dir: Path  # where artifacts are saved (and measured)
     batch_size: int = 8  # images per generate call
+    mirrored_captions: Optional[list[list[str]]] = None  # per photo, captions of its mirror image ([] = its own)
 
     def question(self, question: str) -> str:
         """The question with the concept named by its identifier, as the personalized model is asked."""
@@ -181,7 +182,8 @@ class MyVLMMethod(Method):
         concept = personalize(
             context.images, name=context.concept, identifier=context.identifier, captions=context.captions,
             class_word=context.class_word, kind=context.kind, backbone=backbone, negatives=context.head_negatives,
-            head=context.head.build(), train=dict(self.train), progress=False, **extra,
+            head=context.head.build(), train=dict(self.train), progress=False,
+            mirrored_captions=context.mirrored_captions, **extra,
         )
         seconds = time.perf_counter() - started
         folder = concept.save(context.work_dir / safe_name(f"{self.name}-{context.concept}"), overwrite=True)

@@ -138,10 +138,12 @@ class Evaluation:
     def context(self, unit: Unit) -> FitContext:
         concept = self.data.concepts[unit.concept]
         captions = [image.captions for image in unit.train]
+        mirrored = [image.mirrored for image in unit.train]
         return FitContext(
             backbone=self.backbone, concept=unit.concept, class_word=concept.class_word,
             identifier=self.config.identifier, kind=self.config.kind, images=self.data.images(unit.train),
             sources=[image.key for image in unit.train], captions=captions if all(captions) else None,
+            mirrored_captions=mirrored if all(captions) and any(mirrored) else None,
             head=self.head, head_negatives=self.head_negatives, vanilla=self.vanilla, work_dir=self.work_dir,
             batch_size=self.config.batch_size,
         )
