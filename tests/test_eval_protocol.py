@@ -243,6 +243,12 @@ def test_mirrored_captions_json_goes_to_training_with_its_photo(backbone, data_r
         calls.append((images, kwargs["mirrored_captions"]))
         return personalize(images, **kwargs)
 
+    (data_root / "blue_toy" / "captions.json").unlink()  # mirror-image captions alone make no targets
+    (data_root / "blue_toy" / "mirrored_captions.json").write_text("{}")
+    with pytest.raises(ValueError, match="mirrored_captions.json needs a captions.json beside it"):
+        load_eval_data(data_root)
+    (data_root / "blue_toy" / "mirrored_captions.json").unlink()
+
     monkeypatch.setattr(myvlm.eval.methods, "personalize", spy)
     run(backbone, data_root, tmp_path / "out", [MyVLMMethod(train=QUICK)], concepts=["red_toy"])
     assert len(calls) == 2  # one per split

@@ -30,7 +30,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 from PIL import Image
 
-from myvlm.data import read_captions_json, read_json_mapping, read_mirrored_captions
+from myvlm.data import MIRRORED_FILE, read_captions_json, read_json_mapping, read_mirrored_captions
 from myvlm.images import IMAGE_SUFFIXES, list_images, load_image
 
 logger = logging.getLogger(__name__)
@@ -140,6 +140,9 @@ def load_eval_concept(folder: Path, class_word: str) -> EvalConcept:
     if (folder / "captions.json").is_file():
         paths, captions = read_captions_json(folder)
     else:
+        if (folder / MIRRORED_FILE).is_file():
+            raise ValueError(f"{folder / MIRRORED_FILE} needs a captions.json beside it (the captions of the photos "
+                             "themselves); add one, or remove it")
         paths = list_images(folder)
         captions = [[] for _ in paths]
     mirrored = read_mirrored_captions(folder, [p.name for p in paths]) or [[] for _ in paths]
