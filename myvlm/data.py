@@ -231,18 +231,13 @@ def load_concept_folder(folder: Union[str, Path]) -> tuple[list[Image.Image], Op
     return [load_image(p) for p in paths], captions, [p.name for p in paths]
 
 
-def sample_targets(examples: Sequence[TrainingExample], indices: Sequence[int], rng: random.Random) -> list[str]:
-    """One caption per chosen image, sampled from its list (caption augmentation)."""
-    return [rng.choice(examples[i].captions) for i in indices]
-
-
 def sample_tasks(
     examples: Sequence[TrainingExample], indices: Sequence[int], rng: random.Random,
     mirrored: Optional[Sequence[bool]] = None,
 ) -> tuple[Optional[list[str]], list[str]]:
     """One (prompt, target) per chosen image: its captioning task or one of its question-answer pairs,
-    uniformly (the reference code's VQA mixing); captions are sampled as in ``sample_targets``, from an
-    example's ``mirrored_captions`` where ``mirrored[k]`` says its photo was flipped and it has some.
+    uniformly (the reference code's VQA mixing); a caption is sampled from the example's list (caption
+    augmentation), from its ``mirrored_captions`` where ``mirrored[k]`` says its photo was flipped and it has some.
     Prompts are None when no chosen image has any (plain captioning, e.g. BLIP-2)."""
     prompts, targets = [], []
     for k, i in enumerate(indices):

@@ -291,6 +291,30 @@ def test_lora_baseline_trains_saves_and_restores_the_backbone(backbone, data_roo
     assert backbone.generate(images) == vanilla
 
 
+def test_lora_baseline_trains_flipped_photos_on_their_mirrored_captions(backbone, data_root, tmp_path, monkeypatch):
+    """The baseline gets what MyVLM gets from a mirrored_captions.json: every flip trains on the mirror's caption."""
+    from myvlm.eval.methods import FitContext, VanillaOutputs
+
+    data = load_eval_data(data_root)
+    images = data.images(data.concepts["red_toy"].images[:2])
+    seen, prepare = [], backbone.prepare_batch
+
+    def spy(batch_images, targets, prompts=None):
+        seen.extend(targets)
+        return prepare(batch_images, targets, prompts)
+
+    monkeypatch.setattr(backbone, "prepare_batch", spy)
+    context = FitContext(backbone, "red_toy", "toy", "sks", "object", images, ["a", "b"],
+                         [["red_toy is lying on the beach"]] * 2, HeadSpec("eval_test_colour"), None,
+                         VanillaOutputs(backbone), tmp_path, mirrored_captions=[["red_toy in a mirror"]] * 2)
+    flips = {"steps": 3, "batch_size": 2, "augment": {"hflip_p": 1.0}}
+    LoraBaseline(train=flips).fit(context).close()
+    assert seen == ["sks in a mirror"] * 6
+    seen.clear()
+    LoraBaseline(train={**flips, "augment": {"hflip_p": 0.0}}).fit(context).close()
+    assert seen == ["sks is lying on the beach"] * 6
+
+
 def test_ablations_blip2_one_table(backbone, data_root, tmp_path):
     variants = ablation_methods(backbone, QUICK, n_train=2)
     assert [m.name for m in variants] == ["myvlm", "myvlm:n_train=1", "myvlm:no_augment", "myvlm:no_regularizer"]

@@ -33,7 +33,7 @@ from myvlm.data import (
     class_word_to_identifier,
     display_identifier,
     make_examples,
-    sample_targets,
+    sample_tasks,
 )
 from myvlm.eval.methods import FitContext, Method, Output, Personalized, VanillaOutputs, class_question, safe_name
 from myvlm.training import BatchSampler
@@ -134,8 +134,9 @@ def train_lora(
     losses = []
     for step in range(config.steps):
         indices = sampler.next()
-        batch = backbone.prepare_batch([augment(examples[i].image) for i in indices],
-                                       sample_targets(examples, indices, rng))
+        images, mirrored = zip(*(augment.apply(examples[i].image) for i in indices))
+        _, targets = sample_tasks(examples, indices, rng, mirrored)  # captions only: the examples have no questions
+        batch = backbone.prepare_batch(list(images), targets)
         loss = backbone.sequence_loss(batch).mean()
         if not torch.isfinite(loss):
             raise FloatingPointError(f"LoRA loss became {loss.item()} at step {step}; lower the LoRA learning rate")
@@ -168,7 +169,7 @@ class LoraBaseline(Method):
         captions = context.captions or vlm_targets(backbone, context.images, context.sources, context.class_word,
                                                    context.identifier)
         examples = make_examples(context.images, captions, context.concept, context.identifier, context.kind,
-                                 context.sources)
+                                 context.sources, mirrored=context.mirrored_captions)
         targets = self.target_modules or lora_target_modules(backbone)
         started = time.perf_counter()
         adapter = LoraAdapter(backbone, self.rank, self.alpha, self.dropout, targets)
