@@ -208,12 +208,13 @@ def test_shipped_blip2_captions_fresh_scenes(toy_backbone):
 
     report = caption_accuracy(toy_backbone, n=30, seed=123)
     summary, several = report["summary"], report["by_count"]["2 objects"]
-    # measured on 300 fresh scenes: background 99%, count 97%, relation 91%, category 89% (chance 25%), look 92%,
-    # name 96%; two-object scenes category 91% (54% before the query slots). On these 30: background 97%, count
-    # 97%, relation 87%, category 89%, look 81%; two-object scenes: category 83%, look 71%
+    # measured on 300 fresh scenes: background 100%, count 98%, relation 94%, category 93% (chance 25%), look 94%,
+    # name 97%; two-object scenes category 94% (54% before the query slots). On these 30: background 100%, count
+    # 97%, relation 87%, category 96%, look 94%; two-object scenes: category 96%, look 88% (the BLIP-2 before its ViT
+    # read its encoder output: 89% / 81%, 83% / 71%)
     assert summary["background"] >= 0.9 and summary["count"] >= 0.85 and summary["relation"] >= 0.7, summary
-    assert summary["category"] >= 0.7 and summary["look"] >= 0.7, summary
-    assert several["category"] >= 0.7 and several["look"] >= 0.7, several
+    assert summary["category"] >= 0.8 and summary["look"] >= 0.8, summary
+    assert several["category"] >= 0.75 and several["look"] >= 0.75, several
 
 
 def test_personalization_recalls_the_concept(toy_backbone, tmp_path):
@@ -229,18 +230,18 @@ def test_personalization_recalls_the_concept(toy_backbone, tmp_path):
     trained = personalize_concept(toy_backbone, concept, 0, cfg)
     sets = evaluation_sets(concept, cfg)
     metrics, _ = measure(toy_backbone, concept, trained, sets)
-    # measured (toy_04, the BLIP-2 pretrained on 60000 scenes, TOY_TRAIN): the embedding alone names it in 20/20
-    # (95% over the 36-run test benchmark), the head fires on 20/20 and on no negative, recall 20/20. Before, on
-    # toy_11 (the head's hardest concept) with the 20000-scene BLIP-2: 20/20, 15/20, recall 15/20.
+    # measured (toy_04, the shipped BLIP-2, TOY_TRAIN): the embedding alone names it in 20/20 (94.7% over the 36-run
+    # test benchmark), the head fires on 20/20 and on no negative, recall 20/20. Before, on toy_11 (the head's
+    # hardest concept) with the 20000-scene BLIP-2: 20/20, 15/20, recall 15/20.
     assert metrics["oracle_recall"] >= 0.85, metrics
     assert metrics["recall"] >= 0.6 and metrics["recall"] >= metrics["positive_head"] - 0.125, metrics
     assert metrics["negative_identifier"] <= 0.1, metrics
-    # where the identifier lands in its object's place the other objects are described as the frozen model
-    # describes them on those photos; where it lands on another object, their descriptions no longer match
-    # (measured 0.91 / 0.86 / 0.63, the identifier in place in 9 of the 10 photos with several objects; toy_11 before:
-    # 0.90 / 0.90 / 0.47, 5 of 9)
+    # the identifier stands in its object's place in most photos with several objects, and there the other objects
+    # are described about as the frozen model describes them (measured: in place in all 10, context 0.80 vs 0.83;
+    # the BLIP-2 before the ViT read its encoder output: 9 of 10, 0.91 vs 0.86, 0.63 on the misplaced one; toy_11
+    # with the 20000-scene BLIP-2: 5 of 9, 0.90 vs 0.90, 0.47). Placed vs misplaced over many photos: the benchmark.
+    assert metrics["oracle_slot"] >= 0.7, metrics
     assert metrics["placed_context"] >= metrics["placed_context_base"] - 0.1, metrics
-    assert metrics["misplaced_context"] < metrics["placed_context"] - 0.2, metrics
     trained.save(tmp_path / "toy")  # the head's toy-world CLIP is rebuilt from the concept file
     loaded = load_concept(tmp_path / "toy")
     images = [im for im, _ in sets["positive"][:3] + sets["hard_negative"][:3]]
@@ -563,6 +564,51 @@ def test_llava_language_stage_tunes_its_vit_only_when_asked():
         changed = any(not torch.equal(a, b) for a, b in zip(before, vision.parameters()))
         assert changed == (scale > 0) and len(losses) == 2 and all(np.isfinite(losses))
         assert not any(p.requires_grad for p in model.parameters())  # frozen again afterwards
+
+
+def test_blip2_vit_starts_with_clips_depth_scaled_init():
+    from myvlm.toyworld.models import Blip2Sizes, new_blip2
+
+    vision = new_blip2(Blip2Sizes(vision_layers=2, vision_hidden=64), seed=0)[0].vision_model
+    width, depth = 64, 2
+    want = {"self_attn.qkv": width ** -0.5 * (2 * depth) ** -0.5, "self_attn.projection": width ** -0.5,
+            "mlp.fc1": (2 * width) ** -0.5, "mlp.fc2": width ** -0.5 * (2 * depth) ** -0.5}
+    for layer in vision.encoder.layers:
+        for name, std in want.items():
+            weight = layer.get_submodule(name).weight
+            assert abs(weight.std().item() / std - 1) < 0.1, name
+    assert abs(vision.embeddings.patch_embedding.weight.std().item() / 0.02 - 1) < 0.1  # the config's 0.02
+
+
+def test_object_heads_read_the_vision_encoder_before_its_final_norm():
+    """The object objective reads each ViT's encoder output: the BLIP-2's tokens before ``post_layernorm``
+    (which normalises every token), the LLaVA's CLIP tokens as they are (no final norm on them); the language
+    stage's auxiliary objective reads the same tokens from the model's own forward."""
+    from myvlm.toyworld.models import Blip2Sizes, LlavaSizes, PixelNormaliser, new_blip2, new_llava
+    from myvlm.toyworld.pretrain import ObjectHeads, TunedVision, object_tokens
+
+    pixels = PixelNormaliser()(make_data(2, seed=5).pixels)
+    blip2 = new_blip2(Blip2Sizes(vision_layers=1, qformer_layers=1, text_layers=1), seed=0)[0].eval()
+    vision = blip2.vision_model
+    with torch.no_grad():
+        vision.post_layernorm.weight.uniform_(0.5, 2.0)
+        tokens = object_tokens(vision, pixels)
+        final = vision(pixel_values=pixels).last_hidden_state
+    assert tokens.shape == final.shape and not torch.allclose(tokens, final, atol=1e-3)
+    torch.testing.assert_close(vision.post_layernorm(tokens), final)
+
+    tower = new_llava(LlavaSizes(vision_layers=1, text_layers=1), seed=0)[0].model.vision_tower.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(object_tokens(tower, pixels), tower(pixel_values=pixels).last_hidden_state)
+
+    tuned = TunedVision(vision, ObjectHeads(vision.config.hidden_size), lr_scale=1.0)
+    try:
+        vision.eval()  # TunedVision sets train mode; compare without dropout
+        with torch.no_grad():
+            vision(pixel_values=pixels)
+        torch.testing.assert_close(tuned.tokens, tokens)
+    finally:
+        tuned.remove()
 
 
 def test_mirrored_captions_name_the_objects_as_the_mirror_image_shows_them():
