@@ -10,7 +10,8 @@ done on two cores. Children get ``OMP_WAIT_POLICY=PASSIVE`` (with more threads t
 threads starve the other processes). The weights depend on ``--threads`` and ``--seed``, not on ``--jobs``:
 ``--jobs 1`` (one part after another in this process) writes the same bytes. A part that fails does not stop
 the others: they finish and keep their weights and report, and the script exits non-zero naming it.
-``--llava`` on an idle 2-core machine: 25.8 min with all three at once (the default, the BLIP-2 on 60000 scenes;
+``--llava`` on an idle 2-core machine: 22.7 min with all three at once (the default: both on 60000 scenes; 25.8
+min when the LLaVA had 20000, the VM's speed drifts;
 23.4 min with 20000, 20.4-25.1 min before the LLaVA's ViT was tuned in its language stage, the VM's speed drifts),
 27.3 min with ``--jobs 2`` on 20000 scenes (see the README).
 
@@ -54,8 +55,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--n-train", type=int, default=60000,
                         help="rendered pretraining scenes of the BLIP-2 (20000 until 2026-11-27 night: it learned them "
                              "by heart, captioning them at 98%% and fresh scenes at 85-92%% per attribute)")
-    parser.add_argument("--llava-n-train", type=int, default=20000,
-                        help="--n-train for the LLaVA (60000 weakened its naming prior: name in place 57%% vs 80%%)")
+    parser.add_argument("--llava-n-train", type=int, default=60000,
+                        help="--n-train for the LLaVA (20000 until 2026-11-28; 60000 with the naming prior on half of "
+                             "the scenes weakened the prior: name in place 57%% vs 80%%; see --llava-naming)")
     parser.add_argument("--vision-steps", type=int, default=2500)
     parser.add_argument("--vision-lr", type=float, default=3e-3)
     parser.add_argument("--language-steps", type=int, default=2500)
@@ -101,6 +103,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--qformer-dropout", type=float, default=0.1, help="BLIP-2 Q-Former dropout (Blip2Sizes)")
     parser.add_argument("--queries", type=int, default=Blip2Sizes().num_query_tokens,
                         help="BLIP-2 learned queries, the image tokens its LM sees (Blip2Sizes)")
+    parser.add_argument("--llava-naming", type=float, default=0.7,
+                        help="--naming for the LLaVA (0.5 until 2026-11-28, on 20000 scenes)")
     parser.add_argument("--llava-same-photo", type=float, default=0.2, help="--same-photo for the LLaVA")
     parser.add_argument("--llava-locate", type=float, default=0.3,
                         help="LLaVA: weight of the naming prior's locate objective (ObjectLocator: find the object "
@@ -220,7 +224,7 @@ def pretrain_llava(args, data, held_out, report: dict) -> None:
     run_stages(args, report, (
         ("llava_vision", args.llava_vision_steps, args.vision_lr, vision),
         ("llava_language", args.llava_language_steps, LANGUAGE_LR,
-         lambda cfg: train_llava_language(model, processor, data, cfg, args.naming, args.llava_same_photo,
+         lambda cfg: train_llava_language(model, processor, data, cfg, args.llava_naming, args.llava_same_photo,
                                           args.llava_locate, args.llava_locate_layer, held_out, args.llava_named_weight,
                                           report.setdefault("llava_prior_placement", {}), heads.get("vision"),
                                           args.llava_vision_lr_scale, names)),
