@@ -10,10 +10,9 @@ done on two cores. Children get ``OMP_WAIT_POLICY=PASSIVE`` (with more threads t
 threads starve the other processes). The weights depend on ``--threads`` and ``--seed``, not on ``--jobs``:
 ``--jobs 1`` (one part after another in this process) writes the same bytes. A part that fails does not stop
 the others: they finish and keep their weights and report, and the script exits non-zero naming it.
-``--llava`` on an idle 2-core machine: 22.7 min with all three at once (the default: both on 60000 scenes; 25.8
-min when the LLaVA had 20000, the VM's speed drifts;
-23.4 min with 20000, 20.4-25.1 min before the LLaVA's ViT was tuned in its language stage, the VM's speed drifts),
-27.3 min with ``--jobs 2`` on 20000 scenes (see the README).
+``--llava`` on an idle 2-core machine: 22.7 min with all three at once (the default: both on 60000 scenes; 25.8 min
+when the LLaVA had 20000 and the BLIP-2 60000, 23.4 min with both on 20000, 20.4-25.1 min before the LLaVA's ViT was
+tuned in its language stage: the VM's speed drifts), 27.3 min with ``--jobs 2`` on 20000 scenes (see the README).
 
 Writes ``<out>/blip2`` and ``<out>/llava`` (load with ``myvlm.load_backbone``), ``<out>/clip.safetensors``
 and ``<out>/pretrain_report.json`` (losses, wall times and the captioners' accuracy on fresh scenes).
@@ -84,7 +83,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vision-lr-scale", type=float, default=1.0,
                         help="BLIP-2: the ViT's learning rate in the language stage, times the stage's (0 = frozen)")
-    parser.add_argument("--naming", type=float, default=0.5, help="fraction of scenes with the naming prior (0 = off)")
+    parser.add_argument("--naming", type=float, default=0.5,
+                        help="BLIP-2: fraction of scenes with the naming prior (0 = off; the LLaVA's: --llava-naming)")
     parser.add_argument("--same-photo", type=float, default=0.5,
                         help="naming prior: fraction of its tokens taken from the scene itself (the rest from another "
                              "photo of the object, so that the token binds by appearance, not position)")
