@@ -18,9 +18,11 @@ and the attention penalty are all per sample, so several concepts can train in o
 A *routed* concept (``ConceptBank(routes=...)``, backbones with learned queries: BLIP-2) is read mostly
 by the queries that look where the concept is: the concept is located among the image tokens by its
 look (``Route``), and each query's attention logit on the token gets ``strength * log(m_q / max m)``,
-``m_q`` the query's attention on that place without the token. Not in the paper: one appended token
-is otherwise read by whichever query, and the name can land on another object of the image
-(the toy world measures it: README, "Query routing").
+``m_q`` the query's attention on that place without the token. Where the concept's head says where it
+found the concept (``Detection.box``: a crop-scoring probe's best crop; ``activate(..., boxes=...)``), the
+look is searched inside that box only, so that a look-alike elsewhere in the image does not draw the token.
+Not in the paper: one appended token is otherwise read by whichever query, and the name can land on another
+object of the image (the toy world measures it: README, "Query routing").
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 ConceptRef = Union[int, str]
+Box = tuple[float, float, float, float]  # (left, top, right, bottom) as fractions of the image
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,26 @@ def grid_offset(tokens: int) -> Optional[int]:
         if tokens - offset > 0 and math.isqrt(tokens - offset) ** 2 == tokens - offset:
             return offset
     return None
+
+
+def box_mask(tokens: int, box: Box) -> Optional[torch.Tensor]:
+    """(tokens,) bool: the patch tokens of a square grid whose centres lie in ``box``; a leading class token
+    (1 + g*g tokens) is left out. None when the tokens are not a grid (the caller then uses them all)."""
+    offset = grid_offset(tokens)
+    if offset is None:
+        return None
+    grid = math.isqrt(tokens - offset)
+    centres = (torch.arange(grid, dtype=torch.float32) + 0.5) / grid
+    left, top, right, bottom = box
+    cols = (centres >= left) & (centres < right)
+    rows = (centres >= top) & (centres < bottom)
+    if not bool(cols.any()):  # a box narrower than a patch: the column its centre falls in
+        cols[min(int((left + right) / 2 * grid), grid - 1)] = True
+    if not bool(rows.any()):
+        rows[min(int((top + bottom) / 2 * grid), grid - 1)] = True
+    mask = torch.zeros(tokens, dtype=torch.bool)
+    mask[offset:] = (rows[:, None] & cols[None, :]).reshape(-1)
+    return mask
 
 
 class ConceptBank(nn.Module):
@@ -146,6 +169,7 @@ class ConceptInjector:
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._ids: Optional[torch.Tensor] = None  # (B, K) concept indices, padded with 0
         self._mask: Optional[torch.Tensor] = None  # (B, K) True where a slot holds an active concept
+        self._boxes: Optional[list[list[Optional[Box]]]] = None  # per sample and active concept: where it is
         self._attention: list[torch.Tensor] = []  # per recorded layer: (B,) mean p^2 over active slots
 
     # ---- hooks -------------------------------------------------------------------------------
@@ -171,14 +195,21 @@ class ConceptInjector:
 
     # ---- gating ------------------------------------------------------------------------------
     @contextmanager
-    def activate(self, active: Sequence[Sequence[ConceptRef]]) -> Iterator["ConceptInjector"]:
-        """Make ``active[b]`` the concepts of sample ``b`` inside the block."""
+    def activate(self, active: Sequence[Sequence[ConceptRef]],
+                 boxes: Optional[Sequence[Sequence[Optional[Box]]]] = None) -> Iterator["ConceptInjector"]:
+        """Make ``active[b]`` the concepts of sample ``b`` inside the block. ``boxes[b][k]``, optional: where
+        concept ``active[b][k]`` is in image ``b`` (fractions of the image the backbone sees; None: not known),
+        e.g. the crop its head found it in; a routed concept is then located inside that box only."""
         if not self.attached:
             raise RuntimeError("attach the injector (use it as a context manager) before activating concepts")
         rows = [[self.bank.index(ref) for ref in sample] for sample in active]
         for row in rows:
             if len(set(row)) != len(row):
                 raise ValueError(f"a concept is listed twice for one sample: {row}")
+        if boxes is not None and [len(b) for b in boxes] != [len(row) for row in rows]:
+            raise ValueError(f"boxes must give one entry (or None) per active concept of each sample: "
+                             f"{[len(b) for b in boxes]} for {[len(row) for row in rows]}")
+        self._boxes = [list(b) for b in boxes] if boxes is not None and any(x for b in boxes for x in b) else None
         width = max((len(row) for row in rows), default=0)
         self._attention = []
         if width:
@@ -188,7 +219,7 @@ class ConceptInjector:
         try:
             yield self
         finally:
-            self._ids = self._mask = None
+            self._ids = self._mask = self._boxes = None
 
     @property
     def batch_size(self) -> Optional[int]:
@@ -233,6 +264,12 @@ class ConceptInjector:
             image_tokens.detach().float(), dim=-1).transpose(1, 2)  # (B, K, N)
         offset = grid_offset(image_tokens.shape[1]) or 0
         likeness[..., :offset] = -torch.inf  # a leading class token is nowhere
+        if self._boxes is not None:  # where a head found the concept: only the tokens inside its box
+            for b, row in enumerate(self._boxes):
+                for k, box in enumerate(row):
+                    inside = box_mask(image_tokens.shape[1], box) if box is not None else None
+                    if inside is not None:
+                        likeness[b, k, ~inside.to(likeness.device)] = -torch.inf
         temperature = self.bank.route_temperature.to(image_tokens.device)[ids]  # (B, K)
         return torch.softmax(likeness / temperature[..., None], dim=-1), strength
 

@@ -18,20 +18,18 @@ its sides); LLaVA-NeXT's base view is the whole photo squashed to a square, so i
 from __future__ import annotations
 
 import logging
-import math
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import torch
 from PIL import Image
 
-from myvlm.injection import ConceptBank, ConceptInjector, grid_offset
+from myvlm.injection import Box, ConceptBank, ConceptInjector, box_mask
 
 if TYPE_CHECKING:
     from myvlm.backbones.base import Backbone
 
 logger = logging.getLogger(__name__)
 
-Box = tuple[float, float, float, float]  # (left, top, right, bottom) as fractions of the image
 WHOLE: Box = (0.0, 0.0, 1.0, 1.0)
 
 
@@ -56,26 +54,6 @@ def image_tokens(backbone: "Backbone", images: Sequence[Image.Image]) -> torch.T
     if len(recorder.tokens) != 1:
         raise RuntimeError(f"expected one forward through the injection point, saw {len(recorder.tokens)}")
     return recorder.tokens[0]
-
-
-def box_mask(tokens: int, box: Box) -> Optional[torch.Tensor]:
-    """(tokens,) bool: the patch tokens of a square grid whose centres lie in ``box``; a leading class token
-    (1 + g*g tokens) is left out. None when the tokens are not a grid (the caller then uses them all)."""
-    offset = grid_offset(tokens)
-    if offset is None:
-        return None
-    grid = math.isqrt(tokens - offset)
-    centres = (torch.arange(grid, dtype=torch.float32) + 0.5) / grid
-    left, top, right, bottom = box
-    cols = (centres >= left) & (centres < right)
-    rows = (centres >= top) & (centres < bottom)
-    if not bool(cols.any()):  # a box narrower than a patch: the column its centre falls in
-        cols[min(int((left + right) / 2 * grid), grid - 1)] = True
-    if not bool(rows.any()):
-        rows[min(int((top + bottom) / 2 * grid), grid - 1)] = True
-    mask = torch.zeros(tokens, dtype=torch.bool)
-    mask[offset:] = (rows[:, None] & cols[None, :]).reshape(-1)
-    return mask
 
 
 def seen_box(processor: Any, box: Box, size: tuple[int, int]) -> Optional[Box]:

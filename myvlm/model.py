@@ -25,7 +25,8 @@ from myvlm.concept import Concept, ConceptError
 from myvlm.data import display_identifier
 from myvlm.heads import Detection, detect_concepts
 from myvlm.images import ImageLike, load_image
-from myvlm.injection import ConceptBank, ConceptInjector
+from myvlm.injection import Box, ConceptBank, ConceptInjector
+from myvlm.look import seen_box
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +41,8 @@ class CaptionResult:
     def to_dict(self) -> dict[str, Any]:
         return {
             "image": self.source, "text": self.text, "active": self.active,
-            "detections": {n: {"score": d.score, "threshold": d.threshold, "fired": d.fired}
+            "detections": {n: {"score": d.score, "threshold": d.threshold, "fired": d.fired,
+                               **({"box": list(d.box)} if d.box is not None else {})}
                            for n, d in self.detections.items()},
         }
 
@@ -83,6 +85,14 @@ class MyVLM:
         names = [n for n in (only if only is not None else self.concepts) if self.concepts[n].head is not None]
         return detect_concepts(images, {name: self.concepts[name].head for name in names})
 
+    def _boxes(self, images: list[Image.Image], active: list[list[str]],
+               detections: list[dict[str, Detection]]) -> list[list[Optional[Box]]]:
+        """Where each active concept's head found it in each image (``Detection.box``), as fractions of what the
+        backbone's processor passes to the model; None where no head said (a forced concept whose head did not
+        run) or the box was cropped away."""
+        return [[seen_box(self.backbone.processor, row[n].box, image.size) if n in row and row[n].box else None
+                 for n in names] for image, names, row in zip(images, active, detections)]
+
     def _run(
         self, images: Sequence[ImageLike], prompt_for: Callable[[list[str]], Optional[str]],
         concepts: Optional[Sequence[str]], force: Optional[Sequence[str]], batch_size: int, progress: bool,
@@ -103,7 +113,7 @@ class MyVLM:
                 active = [sorted({n for n, d in row.items() if d.fired} | set(force or ())) for row in detections]
                 batch_prompts = [prompt_for(names) for names in active]
                 batch_prompts = None if all(p is None for p in batch_prompts) else [p or "" for p in batch_prompts]
-                with injector.activate(active):
+                with injector.activate(active, self._boxes(loaded, active, detections)):
                     texts = self.backbone.generate(loaded, batch_prompts, **generate_kwargs)
                 for text, names, row, src in zip(texts, active, detections, sources):
                     results.append(CaptionResult(text, names, row, _source_name(src)))
@@ -114,7 +124,8 @@ class MyVLM:
         force: Optional[Sequence[str]] = None, prompt: Optional[str] = None, batch_size: int = 8,
         progress: bool = True, **generate_kwargs: Any,
     ) -> list[CaptionResult]:
-        """Caption images; ``concepts`` limits which heads run, ``force`` activates concepts without heads."""
+        """Caption images; ``concepts`` limits which heads run, ``force`` activates concepts without heads (a forced
+        concept whose head runs is still located where the head found it best, ``Detection.box``)."""
         images = list(images)
         if prompt is not None:
             prompt_for = lambda names: prompt or None  # noqa: E731

@@ -13,7 +13,8 @@ from PIL import Image
 import myvlm
 from myvlm import BackboneNotFoundError, ConceptError, MyVLM, load_concept
 from myvlm.config import TrainConfig
-from myvlm.heads import AlwaysOnHead, ConceptHead, register_head
+from myvlm.heads import AlwaysOnHead, ConceptHead, Detection, register_head
+from myvlm.injection import ConceptInjector
 from myvlm.images import ImageError
 
 from conftest import random_image, solid_image
@@ -180,3 +181,27 @@ def test_routed_concept_trains_saves_and_is_routed_when_used(backbone, photos, t
         handle.remove()
     # the routed concept's token is read less (a routing pass without it, then the routed pass, then the plain one)
     assert len(seen) == 3 and float(seen[1].sum()) < float(seen[2].sum())
+
+
+def test_a_routed_concept_is_located_where_its_head_found_it(backbone, photos, monkeypatch):
+    train = TrainConfig(steps=1, checkpoint_every=0, route=2.0)
+    concept = myvlm.personalize(photos, name="my_dog", captions=CAPTIONS, backbone=backbone, head="test_redness",
+                                train=train, progress=False)
+    box = (0.5, 0.0, 1.0, 0.5)  # the head found it in the top-right quarter
+    monkeypatch.setattr(concept.head, "detect", lambda images: [Detection(0.9, 0.5, True, box) for _ in images])
+    seen = []
+    located = ConceptInjector.route_weights
+
+    def spy(injector, image_tokens):
+        seen.append(injector._boxes)
+        return located(injector, image_tokens)
+
+    monkeypatch.setattr(ConceptInjector, "route_weights", spy)
+    vlm = MyVLM(backbone, [concept])
+    images = [solid_image((200, 20, 20)), solid_image((10, 10, 250))]
+    results = vlm.caption(images, progress=False)
+    assert seen[0] == [[box], [box]]  # the processor resizes the whole photo: the same fractions
+    assert results[0].to_dict()["detections"]["my_dog"]["box"] == list(box)
+    seen.clear()
+    vlm.caption(images, concepts=[], force=["my_dog"], progress=False)  # forced, its head not run: nowhere known
+    assert seen[0] is None

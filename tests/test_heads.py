@@ -250,10 +250,18 @@ def test_crops_find_a_small_concept_among_others_and_round_trip():
     for crops in ([], [[0.25, 0.125], [0.5, 0.25]]):
         head = ClipProbeHead(colour_histogram, crops=crops, training={"lr": 0.1})
         head.fit([image for image, _ in train], negatives)
-        fired = [d.fired for d in head.detect(unseen + unseen_look_alikes)]
+        detections = head.detect(unseen + unseen_look_alikes)
+        fired = [d.fired for d in detections]
         accuracy[len(crops)] = (sum(fired[:12]) + 12 - sum(fired[12:])) / 24
+        if not crops:  # a probe on the whole image says nothing of where
+            assert all(d.box is None for d in detections)
     assert accuracy[2] >= 0.95 and accuracy[0] <= accuracy[2] - 0.15, accuracy
     assert len(head.regions) == 1 + 49 + 9
+    # each detection says where the concept was found: the best crop, as fractions of the image
+    found = [cluttered(200 + seed, mine) for seed in range(12)]
+    for detection, (_, (cx, cy)) in zip(head.detect([image for image, _ in found]), found):
+        left, top, right, bottom = detection.box
+        assert left * 96 <= cx <= right * 96 and top * 96 <= cy <= bottom * 96, (detection.box, cx, cy)
     for region, (_, (cx, cy)) in zip(head.fit_report.regions, train):  # the picked crop shows the concept
         left, top, right, bottom = crop_box(region, 96, 96)
         overlap = max(0, min(right, cx + 10) - max(left, cx - 10)) * max(0, min(bottom, cy + 10) - max(top, cy - 10))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from myvlm.injection import ConceptBank, ConceptInjector, Route
+from myvlm.injection import ConceptBank, ConceptInjector, Route, box_mask
 
 
 def vision_tokens_seen_by_qformer(backbone, batch, injector=None, active=None):
@@ -167,6 +167,26 @@ def test_routing_scales_each_querys_reading_of_the_token_by_its_attention_on_the
     torch.testing.assert_close(odds, expected[:, None, :].expand_as(odds), rtol=1e-3, atol=1e-6)
     assert float(expected.min()) < 0.5  # some queries really are turned away from the token
     torch.testing.assert_close(rerouted[..., :-1].sum(-1) + rerouted[..., -1], torch.ones_like(rerouted[..., -1]))
+
+
+def test_a_box_limits_where_a_routed_concept_is_looked_for(backbone, batch):
+    states, _, _ = vision_tokens_seen_by_qformer(backbone, batch)  # (B, N, D)
+    bank = ConceptBank(["a"], backbone.concept_dim, routes=[Route(states[0, 5].clone(), 2.0, 0.05)])
+    box = (0.5, 0.5, 1.0, 1.0)  # the bottom-right quarter of the image
+    inside = box_mask(states.shape[1], box)
+    assert inside is not None and 0 < int(inside.sum()) < states.shape[1] - 1
+    with ConceptInjector(backbone, bank) as injector:
+        with injector.activate([["a"]] * 3, boxes=[[box], [None], [box]]):
+            boxed, _ = injector.route_weights(states)
+        with injector.activate([["a"]] * 3):
+            free, _ = injector.route_weights(states)
+        with pytest.raises(ValueError, match="one entry"):
+            with injector.activate([["a"]] * 3, boxes=[[box], [], [box]]):
+                pass
+    for b in (0, 2):  # inside the box: the same likeness, renormalised; outside: nothing
+        assert float(boxed[b, 0, ~inside].sum()) == 0.0
+        torch.testing.assert_close(boxed[b, 0, inside], free[b, 0, inside] / free[b, 0, inside].sum())
+    torch.testing.assert_close(boxed[1], free[1])  # no box: located over the whole image
 
 
 def test_routing_leaves_unrouted_concepts_and_samples_alone(backbone, batch):

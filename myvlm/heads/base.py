@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Optional, Sequence
 
 import torch
 from PIL import Image
@@ -37,6 +37,10 @@ class Detection:
     score: float  # the head's own score (probability, similarity, distance, ...)
     threshold: float  # the threshold the score was compared to
     fired: bool  # True when the concept is judged present
+    # where in the image the head found the concept best, (left, top, right, bottom) as fractions of the image,
+    # for heads that judge parts of it (a crop-scoring clip_probe); None = the whole image or not said. A routed
+    # concept is looked for inside it (``myvlm.injection.Route``).
+    box: Optional[tuple[float, float, float, float]] = None
 
 
 class ConceptHead(ABC):

@@ -31,11 +31,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from myvlm.heads.base import ConceptHead, register_head
+from myvlm.heads.base import ConceptHead, Detection, register_head
 from myvlm.heads.features import (
     DEFAULT_CLIP_MODEL,
     DEFAULT_CLIP_PRETRAINED,
     CachedFeatures,
+    crop_box,
     crop_grid,
     ensure_rgb,
     shared_features,
@@ -203,18 +204,40 @@ class ClipProbeHead(ConceptHead):
     # --- inference ----------------------------------------------------------------------------
 
     @torch.no_grad()
-    def score(self, images: Sequence[Image.Image]) -> torch.Tensor:
+    def region_scores(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """(B, R): the probability of the concept in each region of ``self.regions`` (the image, then its crops)."""
         if self.linear is None:
             raise RuntimeError("this clip_probe head is not fitted; call fit(positives, negatives) first")
         if len(images) == 0:
-            return torch.zeros(0)
+            return torch.zeros(0, len(self.regions))
         features = self._normalise(self.feature_extractor.encode_views(ensure_rgb(images), self.regions))  # (B, R, D)
         if features.shape[-1] != self.linear.in_features:
             raise ValueError(
                 f"the feature extractor gives {features.shape[-1]}-d features but this head was trained on "
                 f"{self.linear.in_features}-d features ({self._spec}); load it with the extractor it was trained with"
             )
-        return torch.sigmoid(self.linear(features)).squeeze(-1).amax(1)  # (B,): the best region's probability
+        return torch.sigmoid(self.linear(features)).squeeze(-1)
+
+    def score(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        return self.region_scores(images).amax(1)  # (B,): the best region's probability
+
+    def detect(self, images: Sequence[Image.Image]) -> list[Detection]:
+        """As ``ConceptHead.detect``, and with crops each detection's ``box``: the best crop, where the concept was
+        found (None when the whole image scored best)."""
+        if len(self.regions) < 2:
+            return super().detect(images)
+        images = ensure_rgb(images)
+        regions = self.region_scores(images)
+        scores, best = regions.amax(1), regions.argmax(1)
+        detections = []
+        for image, score, index in zip(images, scores.tolist(), best.tolist()):
+            box = None
+            if self.regions[index] != "id":
+                width, height = image.size
+                left, top, right, bottom = crop_box(self.regions[index], width, height)
+                box = (left / width, top / height, right / width, bottom / height)
+            detections.append(Detection(score, self.threshold, score >= self.threshold, box))
+        return detections
 
     # --- saving -------------------------------------------------------------------------------
 
