@@ -20,7 +20,8 @@ by the queries that look where the concept is: the concept is located among the 
 look (``Route``), and each query's attention logit on the token gets ``strength * log(m_q / max m)``,
 ``m_q`` the query's attention on that place without the token. Where the concept's head says where it
 found the concept (``Detection.box``: a crop-scoring probe's best crop; ``activate(..., boxes=...)``), the
-look is searched inside that box only, so that a look-alike elsewhere in the image does not draw the token.
+look is searched among the patches that overlap that box only, so that a look-alike elsewhere in the image
+does not draw the token.
 Not in the paper: one appended token is otherwise read by whichever query, and the name can land on another
 object of the image (the toy world measures it: README, "Query routing").
 """
@@ -70,17 +71,23 @@ def grid_offset(tokens: int) -> Optional[int]:
     return None
 
 
-def box_mask(tokens: int, box: Box) -> Optional[torch.Tensor]:
-    """(tokens,) bool: the patch tokens of a square grid whose centres lie in ``box``; a leading class token
-    (1 + g*g tokens) is left out. None when the tokens are not a grid (the caller then uses them all)."""
+def box_mask(tokens: int, box: Box, touching: bool = False) -> Optional[torch.Tensor]:
+    """(tokens,) bool: the patch tokens of a square grid whose centres lie in ``box`` (``touching``: whose patches
+    overlap it at all); a leading class token (1 + g*g tokens) is left out. None when the tokens are not a grid
+    (the caller then uses them all)."""
     offset = grid_offset(tokens)
     if offset is None:
         return None
     grid = math.isqrt(tokens - offset)
     centres = (torch.arange(grid, dtype=torch.float32) + 0.5) / grid
     left, top, right, bottom = box
-    cols = (centres >= left) & (centres < right)
-    rows = (centres >= top) & (centres < bottom)
+    if touching:  # the patch [centre - half, centre + half) overlaps the box by more than an edge
+        half = 0.5 / grid
+        cols = (centres + half > left) & (centres - half < right)
+        rows = (centres + half > top) & (centres - half < bottom)
+    else:
+        cols = (centres >= left) & (centres < right)
+        rows = (centres >= top) & (centres < bottom)
     if not bool(cols.any()):  # a box narrower than a patch: the column its centre falls in
         cols[min(int((left + right) / 2 * grid), grid - 1)] = True
     if not bool(rows.any()):
@@ -264,10 +271,10 @@ class ConceptInjector:
             image_tokens.detach().float(), dim=-1).transpose(1, 2)  # (B, K, N)
         offset = grid_offset(image_tokens.shape[1]) or 0
         likeness[..., :offset] = -torch.inf  # a leading class token is nowhere
-        if self._boxes is not None:  # where a head found the concept: only the tokens inside its box
+        if self._boxes is not None:  # where a head found the concept: only the tokens of patches that overlap its box
             for b, row in enumerate(self._boxes):
                 for k, box in enumerate(row):
-                    inside = box_mask(image_tokens.shape[1], box) if box is not None else None
+                    inside = box_mask(image_tokens.shape[1], box, touching=True) if box is not None else None
                     if inside is not None:
                         likeness[b, k, ~inside.to(likeness.device)] = -torch.inf
         temperature = self.bank.route_temperature.to(image_tokens.device)[ids]  # (B, K)

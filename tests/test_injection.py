@@ -173,7 +173,7 @@ def test_a_box_limits_where_a_routed_concept_is_looked_for(backbone, batch):
     states, _, _ = vision_tokens_seen_by_qformer(backbone, batch)  # (B, N, D)
     bank = ConceptBank(["a"], backbone.concept_dim, routes=[Route(states[0, 5].clone(), 2.0, 0.05)])
     box = (0.5, 0.5, 1.0, 1.0)  # the bottom-right quarter of the image
-    inside = box_mask(states.shape[1], box)
+    inside = box_mask(states.shape[1], box, touching=True)
     assert inside is not None and 0 < int(inside.sum()) < states.shape[1] - 1
     with ConceptInjector(backbone, bank) as injector:
         with injector.activate([["a"]] * 3, boxes=[[box], [None], [box]]):
@@ -187,6 +187,16 @@ def test_a_box_limits_where_a_routed_concept_is_looked_for(backbone, batch):
         assert float(boxed[b, 0, ~inside].sum()) == 0.0
         torch.testing.assert_close(boxed[b, 0, inside], free[b, 0, inside] / free[b, 0, inside].sum())
     torch.testing.assert_close(boxed[1], free[1])  # no box: located over the whole image
+
+
+def test_box_masks_take_the_patches_centred_in_a_box_or_touching_it():
+    grid = lambda mask: mask[1:].view(4, 4).int().tolist()  # noqa: E731  (a class token, then 4 x 4 patches)
+    box = (0.25, 0.3, 0.6, 0.5)  # columns 1 and part of 2, part of row 1
+    assert grid(box_mask(17, box)) == [[0, 0, 0, 0], [0, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]
+    assert grid(box_mask(17, box, touching=True)) == [[0, 0, 0, 0], [0, 1, 1, 0], [0, 0, 0, 0], [0, 0, 0, 0]]
+    edge = (0.5, 0.5, 1.0, 1.0)  # ends on patch edges: touching adds nothing
+    assert torch.equal(box_mask(17, edge), box_mask(17, edge, touching=True))
+    assert box_mask(18, edge) is None  # not a grid
 
 
 def test_routing_leaves_unrouted_concepts_and_samples_alone(backbone, batch):
