@@ -163,6 +163,17 @@ def test_generation_gating_and_exact_detach(llava, images):
     assert not llava.language_model._forward_pre_hooks
     assert all(not layer.self_attn._forward_hooks for layer in llava.language_model.layers)
 
+def test_generation_without_the_cache_keeps_the_concept_tokens(llava, images):
+    # without the KV cache every step runs the whole sequence again: the slots must hold the concepts each time
+    prompts = ["What is this?"] * 3
+    values = torch.randn(2, llava.concept_dim, generator=torch.Generator().manual_seed(0)) * 10
+    with ConceptInjector(llava, ConceptBank(["a", "b"], llava.concept_dim, values=values)) as injector:
+        with injector.activate([["a", "b"], [], ["b"]]):
+            cached = llava.generate(images, prompts, max_new_tokens=6)
+            recomputed = llava.generate(images, prompts, max_new_tokens=6, use_cache=False)
+    assert recomputed == cached
+    assert recomputed != llava.generate(images, prompts, max_new_tokens=6)  # the concepts do change the answers
+
 
 @pytest.mark.parametrize("injection", ["projector_input", "projector_output"])
 def test_gradients_reach_only_the_concepts(tiny_llava_paths, injection, images):

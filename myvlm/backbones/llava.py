@@ -245,10 +245,12 @@ class LlavaBackbone(Backbone):
 
     def _fill_slots(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> Optional[tuple]:
         slots, embeds = self._slots, kwargs.get("inputs_embeds")
-        if slots is None or slots.tokens is None or embeds is None or embeds.shape[:2] != slots.mask.shape:
-            return None  # no concept, or a decoding step after the prompt
+        if (slots is None or slots.tokens is None or embeds is None or embeds.shape[0] != slots.mask.shape[0]
+                or embeds.shape[1] < slots.mask.shape[1]):
+            return None  # no concept, or a decoding step after the prompt (its slots are in the cache)
         tokens = slots.tokens[slots.active.to(slots.tokens.device)]  # (n_slots, D), in slot order
-        mask = slots.mask.to(embeds.device)[..., None]
+        mask = slots.mask.to(embeds.device)  # the prompt's; a forward without the cache holds the answer so far too
+        mask = torch.nn.functional.pad(mask, (0, embeds.shape[1] - mask.shape[1]))[..., None]
         kwargs["inputs_embeds"] = embeds.masked_scatter(mask, tokens.to(embeds.device, embeds.dtype))
         return args, kwargs
 
