@@ -8,9 +8,11 @@ script with ``--threads`` torch threads. One thread is the default: on these tin
 one process hardly helps, while two one-thread processes get about 1.3x the work of one two-thread process
 done on two cores. Children get ``OMP_WAIT_POLICY=PASSIVE`` (with more threads than cores, spinning OpenMP
 threads starve the other processes). The weights depend on ``--threads`` and ``--seed``, not on ``--jobs``:
-``--jobs 1`` (one part after another in this process) writes the same bytes. A part that fails does not stop
+``--jobs 1`` (one part after another in this process) writes the same bytes -- on the same kind of CPU (another
+CPU's float kernels give other bytes). A part that fails does not stop
 the others: they finish and keep their weights and report, and the script exits non-zero naming it.
-``--llava`` on an idle 2-core machine: 22.7 min with all three at once (the default: both on 60000 scenes; 25.8 min
+``--llava`` on an idle 2-core machine: 34.8 min with all three at once on a slow day's VM (about 25 min at the speed of
+the earlier runs; the LLaVA's language stage 3000 steps); 22.7 min with its 2500-step stage (both on 60000 scenes; 25.8 min
 when the LLaVA had 20000 and the BLIP-2 60000, 23.4 min with both on 20000, 20.4-25.1 min before the LLaVA's ViT was
 tuned in its language stage: the VM's speed drifts), 27.3 min with ``--jobs 2`` on 20000 scenes (see the README).
 
@@ -116,7 +118,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--llava-vision-lr-scale", type=float, default=1.0,
                         help="LLaVA: --vision-lr-scale for the LLaVA's vision tower (0 = frozen)")
     parser.add_argument("--llava-vision-steps", type=int, default=2500)
-    parser.add_argument("--llava-language-steps", type=int, default=2500)
+    parser.add_argument("--llava-language-steps", type=int, default=3000)
+    parser.add_argument("--llava-text-layers", type=int, default=LlavaSizes().text_layers,
+                        help="LLaVA: the Llama's depth (LlavaSizes)")
+    parser.add_argument("--llava-captions", type=float, default=0.8,
+                        help="LLaVA language stage: share of the samples that are captions (the rest are questions)")
     parser.add_argument("--skip-clip", action="store_true")
     parser.add_argument("--skip-blip2", action="store_true")
     parser.add_argument("--llava", action="store_true", help="also pretrain the tiny LLaVA")
@@ -213,7 +219,7 @@ def pretrain_clip(args, report: dict) -> None:
 def pretrain_llava(args, data, held_out, report: dict) -> None:
     from myvlm import BackboneConfig, load_backbone
 
-    model, processor = new_llava(LlavaSizes(), seed=args.seed)
+    model, processor = new_llava(LlavaSizes(text_layers=args.llava_text_layers), seed=args.seed)
     heads, names = {}, {}
 
     def vision(cfg):
@@ -227,7 +233,7 @@ def pretrain_llava(args, data, held_out, report: dict) -> None:
          lambda cfg: train_llava_language(model, processor, data, cfg, args.llava_naming, args.llava_same_photo,
                                           args.llava_locate, args.llava_locate_layer, held_out, args.llava_named_weight,
                                           report.setdefault("llava_prior_placement", {}), heads.get("vision"),
-                                          args.llava_vision_lr_scale, names)),
+                                          args.llava_vision_lr_scale, names, args.llava_captions)),
     ))
     save(model, processor, args.out / "llava", names)
     t = time.perf_counter()

@@ -821,13 +821,15 @@ def summarise(rows: list[dict[str, list[bool]]]) -> dict[str, float]:
 # ---- the tiny LLaVA's language stage --------------------------------------------------------------
 
 
-def llava_task(scene: Scene, name: Optional[str], rng: np.random.Generator, backbone) -> tuple[Optional[str], str]:
-    """(prompt, target) for one LLaVA pretraining sample. ``name``: the naming prior renamed one object of
-    ``scene`` (its ``name`` is set): the reference code's "Please caption this image of <name>." caption, or
-    a question about it. Otherwise the plain caption or a scene question (one asks about an absent name)."""
+def llava_task(scene: Scene, name: Optional[str], rng: np.random.Generator, backbone,
+               captions: float = 0.8) -> tuple[Optional[str], str]:
+    """(prompt, target) for one LLaVA pretraining sample: a caption with probability ``captions``, else a question.
+    ``name``: the naming prior renamed one object of ``scene`` (its ``name`` is set): the reference code's "Please
+    caption this image of <name>." caption, or a question about it. Otherwise the plain caption or a scene question
+    (one asks about an absent name)."""
     from myvlm.toyworld.questions import scene_questions
 
-    if rng.random() < 0.6:
+    if rng.random() < captions:
         return (backbone.caption_prompt([name]) if name else None), caption(scene)
     pairs = scene_questions(scene, rng)
     if name:  # the questions about the named object
@@ -989,14 +991,15 @@ def train_llava_language(model, processor, data: WorldData, cfg: StageConfig, na
                          same_photo: float = 0.5, locate: float = 0.0, locate_layer: int = 1,
                          held_out: Optional[WorldData] = None, named_weight: float = 1.0,
                          placement: Optional[dict] = None, heads: Optional[ObjectHeads] = None,
-                         vision_lr_scale: float = 0.0, name_vectors: Optional[dict] = None) -> list[float]:
+                         vision_lr_scale: float = 0.0, name_vectors: Optional[dict] = None,
+                         captions: float = 0.8) -> list[float]:
     """Projector + Llama learn captions and answers through the backbone's own batch builder; ``naming`` > 0
     adds the NamingPrior, its token inserted by the backbone's concept slots at the projector input;
     ``locate`` > 0 weighs the ``ObjectLocator`` objective (read after decoder layer ``locate_layer``);
     ``named_weight``: see ``placement_weights``; ``held_out``, ``placement``: as in ``train_language``.
     ``vision_lr_scale`` > 0 (with the vision stage's ``heads``): the vision tower is tuned too, at that fraction
     of the learning rate, its object objective kept, as the BLIP-2's is in ``train_language``. ``name_vectors``: as
-    there."""
+    there. ``captions``: the share of samples that are captions (the others are questions, ``llava_task``)."""
     from PIL import Image
 
     from myvlm.backbones.llava import LlavaBackbone
@@ -1022,7 +1025,8 @@ def train_llava_language(model, processor, data: WorldData, cfg: StageConfig, na
 
     def loss_fn(idx: np.ndarray) -> torch.Tensor:
         plans = [prior.plan(data, int(i)) for i in idx]
-        tasks = [llava_task(scene, NAMES[name] if name >= 0 else None, rng, backbone) for scene, name in plans]
+        tasks = [llava_task(scene, NAMES[name] if name >= 0 else None, rng, backbone, captions)
+                 for scene, name in plans]
         prior.prepare(patch_features, data, idx, [name for _, name in plans])
         images = [Image.fromarray(data.pixels[i]) for i in idx]
         with injector.activate([[0] if name >= 0 else [] for _, name in plans]):
