@@ -19,7 +19,7 @@ A *routed* concept (``ConceptBank(routes=...)``, backbones with learned queries:
 by the queries that look where the concept is: the concept is located among the image tokens by its
 look (``Route``), and each query's attention logit on the token gets ``strength * log(m_q / max m)``,
 ``m_q`` the query's attention on that place without the token. Where the concept's head says where it
-found the concept (``Detection.box``: a crop-scoring probe's best crop; ``activate(..., boxes=...)``), the
+found the concept (``Detection.box``: a crop-scoring probe's best crop, a face; ``activate(..., boxes=...)``), the
 look is searched among the patches that overlap that box only, so that a look-alike elsewhere in the image
 does not draw the token.
 Not in the paper: one appended token is otherwise read by whichever query, and the name can land on another

@@ -5,9 +5,9 @@
 The vector is the mean image token at the injection point (BLIP-2: the vision encoder's output the
 Q-Former reads; LLaVA: the projector input or output) over the part of each photo that shows the
 concept: the box the concept head found it in (``head_boxes``: a crop-scoring ``clip_probe`` names the
-crop it learned from each photo), the whole photo otherwise. A token that looks like the object is what
-lets the model tell *which* object it names; a random start has to find that look in a few
-steps (measured on the toy world, ``myvlm.toyworld``: README, "Context, diagnosed").
+crop it learned from each photo, a face head the person's face), the whole photo otherwise. A token that
+looks like the object is what lets the model tell *which* object it names; a random start has to find that
+look in a few steps (measured on the toy world, ``myvlm.toyworld``: README, "Context, diagnosed").
 
 Boxes are fractions ``(left, top, right, bottom)`` of the photo. ``seen_box`` maps them to what the
 backbone's processor passes on: the same box where it resizes the whole photo (BLIP-2's), the part inside
@@ -112,12 +112,13 @@ def look_vector(backbone: "Backbone", images: Sequence[Image.Image],
 
 def head_boxes(head: Any, images: Sequence[Image.Image]) -> list[Box]:
     """Where the fitted ``head`` found the concept in each of its positive ``images``: the crop a
-    crop-scoring ``clip_probe`` learned from each (``fit_report.regions``), else the whole image."""
+    crop-scoring ``clip_probe`` learned from each (``fit_report.regions``), else the box its ``detect`` reports
+    (a face head: the closest face), else the whole image."""
     from myvlm.heads.features import crop_box
 
     regions = list(getattr(getattr(head, "fit_report", None), "regions", None) or [])
     if len(regions) != len(images):
-        return [WHOLE] * len(images)
+        return [detection.box or WHOLE for detection in head.detect(list(images))]
     boxes = []
     for image, view in zip(images, regions):
         if view == "id":

@@ -27,7 +27,7 @@ from myvlm.heads import (
     match_faces,
     tiny_clip_features,
 )
-from myvlm.heads.face import Face, FaceBackend, register_face_backend
+from myvlm.heads.face import Face, FaceBackend, fraction_box, register_face_backend
 from myvlm.heads.features import (
     VIEWS, CallableFeatures, LiteRTFeatures, OpenClipFeatures, apply_view, crop_box, crop_grid, crop_view, ensure_rgb,
 )
@@ -416,6 +416,25 @@ def test_several_people_in_one_image_each_fire_and_one_face_fires_one_person():
     assert matches["bob"].box == (0.0, 0.0, 64.0, 64.0)
     text = explain(results, names=["group.jpg", "ann.jpg"], heads=heads)
     assert "group.jpg" in text and "FIRED" in text and "<= 0.25" in text
+
+
+def test_face_detections_say_where_the_face_is():
+    from myvlm.look import WHOLE, head_boxes
+
+    head = FaceHead("grid")
+    head.fit([grid("ann"), grid(None, "ann")])
+    alone, crowd, nobody = head.detect([grid(None, None, None, "ann"), grid("bob", None, "ann"), grid()])
+    assert alone.fired and alone.box == (0.5, 0.5, 1.0, 1.0)  # the bottom-right cell of the 128 px photo
+    assert crowd.fired and crowd.box == (0.0, 0.5, 0.5, 1.0)  # ann's face, not bob's (closer to her references)
+    assert not nobody.fired and nobody.box is None
+    assert fraction_box((-8.0, 16.0, 70.0, 64.0), (64, 64)) == (0.0, 0.25, 1.0, 1.0)  # clipped to the image
+    bob = FaceHead(head.backend)
+    bob.fit([grid("bob")])
+    jointly = detect_concepts([grid("bob", None, "ann")], {"ann": head, "bob": bob})[0]
+    assert jointly["ann"].box == (0.0, 0.5, 0.5, 1.0) and jointly["bob"].box == (0.0, 0.0, 0.5, 0.5)
+    # what a concept's look and routing take from the training photos: each photo's face
+    assert head_boxes(head, [grid("ann"), grid(None, "ann"), grid()]) == [(0.0, 0.0, 0.5, 0.5), (0.5, 0.0, 1.0, 0.5),
+                                                                          WHOLE]
 
 
 def test_detect_concepts_mixes_probes_and_faces(red_circles, blue_squares):

@@ -107,6 +107,10 @@ def test_group_photos_fire_for_the_people_in_them_only(face_backend):
     assert [n for n, d in results[1].items() if d.fired] == ["p00"]
     faces, distances = heads["obama"].face_distances(groups["two_people.jpg"])
     assert len(faces) >= 2 and int((distances <= heads["obama"].threshold).sum()) == 1  # one face only
+    obama, biden = results[0]["obama"].box, results[0]["biden"].box  # each person's own face, a small part
+    for box in (obama, biden):
+        assert 0 <= box[0] < box[2] <= 1 and 0 <= box[1] < box[3] <= 1 and (box[2] - box[0]) * (box[3] - box[1]) < 0.25
+    assert obama[2] <= biden[0] or biden[2] <= obama[0] or obama[3] <= biden[1] or biden[3] <= obama[1]  # apart
 
 
 def test_training_photos_are_cleaned_and_bad_ones_named(face_backend):

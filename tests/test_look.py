@@ -7,7 +7,7 @@ import torch
 
 import myvlm
 from myvlm.config import TrainConfig
-from myvlm.heads import AlwaysOnHead
+from myvlm.heads import AlwaysOnHead, Detection
 from myvlm.look import WHOLE, box_mask, head_boxes, image_tokens, look_vector, look_vectors, seen_box
 
 from conftest import random_image
@@ -78,6 +78,9 @@ def test_head_boxes_follow_the_crops_the_head_learned():
 
     class Head:
         fit_report = Report()
+
+        def detect(self, images):  # what it finds in other photos: no box said
+            return [Detection(1.0, 0.5, True) for _ in images]
 
     images = [random_image(i, (40, 40)) for i in range(3)]
     assert head_boxes(Head(), images) == [WHOLE, (0.0, 0.0, 0.5, 0.5), (0.5, 0.5, 1.0, 1.0)]

@@ -38,8 +38,8 @@ class Detection:
     threshold: float  # the threshold the score was compared to
     fired: bool  # True when the concept is judged present
     # where in the image the head found the concept best, (left, top, right, bottom) as fractions of the image,
-    # for heads that judge parts of it (a crop-scoring clip_probe); None = the whole image or not said. A routed
-    # concept is looked for inside it (``myvlm.injection.Route``).
+    # for heads that judge parts of it (a crop-scoring clip_probe's best crop, a face head's closest or matched
+    # face); None = the whole image or not said. A routed concept is looked for inside it (``myvlm.injection.Route``).
     box: Optional[tuple[float, float, float, float]] = None
 
 

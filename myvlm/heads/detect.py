@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from myvlm.heads.base import ConceptHead, Detection
-from myvlm.heads.face import FaceHead
+from myvlm.heads.face import FaceHead, fraction_box
 from myvlm.heads.features import ensure_rgb
 
 logger = logging.getLogger(__name__)
@@ -91,7 +91,8 @@ def detect_concepts(images: Sequence[Image.Image], heads: Mapping[str, ConceptHe
     for group in face_groups.values():
         for row, image in zip(results, images):
             for name, match in match_faces(image, group).items():
-                row[name] = Detection(match.distance, match.threshold, match.fired)
+                box = fraction_box(match.box, image.size) if match.box is not None else None
+                row[name] = Detection(match.distance, match.threshold, match.fired, box)
     ordered = [{name: row[name] for name in heads} for row in results]
     for index, row in enumerate(ordered):
         logger.debug("image %d: %s", index, {n: (round(d.score, 4), d.threshold, d.fired) for n, d in row.items()})

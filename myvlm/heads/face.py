@@ -22,7 +22,7 @@ from typing import Any, Callable, ClassVar, Optional, Sequence, Union
 import torch
 from PIL import Image
 
-from myvlm.heads.base import ConceptHead, register_head
+from myvlm.heads.base import ConceptHead, Detection, register_head
 from myvlm.heads.features import ensure_rgb, image_digest, image_label
 
 logger = logging.getLogger(__name__)
@@ -38,6 +38,15 @@ class Face:
     box: tuple[float, float, float, float]  # (left, top, right, bottom) in image pixels
     probability: float  # detector confidence
     embedding: torch.Tensor  # (E,) identity embedding
+
+
+def fraction_box(box: tuple[float, float, float, float], size: tuple[int, int]) -> tuple[float, float, float, float]:
+    """A face's pixel box as fractions of an image of ``size`` = (width, height), clipped to the image (detectors
+    may reach past its edges): what ``Detection.box`` holds."""
+    width, height = size
+    left, top, right, bottom = box
+    return (min(max(left / width, 0.0), 1.0), min(max(top / height, 0.0), 1.0),
+            min(max(right / width, 0.0), 1.0), min(max(bottom / height, 0.0), 1.0))
 
 
 def register_face_backend(name: str) -> Callable[[type["FaceBackend"]], type["FaceBackend"]]:
@@ -348,11 +357,21 @@ class FaceHead(ConceptHead):
         return faces, self.backend.distances(torch.stack([f.embedding for f in faces]), self.references).min(1).values
 
     def score(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        scores = []
+        return torch.tensor([d.score for d in self.detect(images)], dtype=torch.float32)  # (B,) closest face's distance
+
+    def detect(self, images: Sequence[Image.Image]) -> list[Detection]:
+        """As ``ConceptHead.detect``, each detection's ``box`` the closest face's (None where there is no face)."""
+        detections = []
         for image in images:
-            _, distances = self.face_distances(image)
-            scores.append(float(distances.min()) if len(distances) else float("inf"))
-        return torch.tensor(scores, dtype=torch.float32)  # (B,) distance of the closest face
+            faces, distances = self.face_distances(image)
+            if not faces:
+                detections.append(Detection(float("inf"), self.threshold, False))
+                continue
+            closest = int(distances.argmin())
+            distance = float(distances[closest])
+            detections.append(Detection(distance, self.threshold, distance <= self.threshold,
+                                        fraction_box(faces[closest].box, image.size)))
+        return detections
 
     # --- saving -------------------------------------------------------------------------------
 
