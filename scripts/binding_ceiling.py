@@ -1,7 +1,7 @@
 """Where can one concept token put the identifier? The toy world's binding ceiling, measured.
 
     python scripts/binding_ceiling.py --backbone myvlm/toyworld/checkpoints/blip2
-    python scripts/binding_ceiling.py --backbone myvlm/toyworld/checkpoints/llava --concepts toy_00 toy_01
+    python scripts/binding_ceiling.py --backbone myvlm/toyworld/checkpoints/llava --task vqa --pool test
 
 Personalization can only be as good as the best token the frozen backbone knows how to read. The toy
 backbones were pretrained with such tokens (``NamingPrior``: a name vector plus the look of the object it
@@ -12,11 +12,15 @@ but the concept, as ``bench_toyworld.py`` scores it) and how often the identifie
 
 - ``here+name``: the identifier's name vector + the concept's look in *this* photo (mean token at the
   injection point over the concept's ground-truth box): the prior's own token, what the backbone binds best;
+- ``here``: that look alone (the LLaVA is told the identifier by its prompt; the BLIP-2 only by the token);
 - ``train+name``: the name vector + the mean look over the 4 training photos (what a token learned from
   them could carry);
+- ``look``: the look ``init="look"`` starts from (the mean token over the crops the head learned from the 4
+  training photos), alone;
 - ``name``: the name vector alone;
-- ``trained``: the vector ``personalize`` learns (the toy-world settings, ``TOY_TRAIN``, with the head), used
-  with its query routing where it has one (the other tokens are not routed).
+- ``trained``: the vector ``personalize`` learns (the toy-world settings, ``TOY_TRAIN``, with the head; ``--task
+  vqa`` trains it on questions too, as the LLaVA benchmark does), used with its query routing where it has one
+  (the other tokens are not routed).
 
 Each token is the sum of the normalised parts, normalised and scaled like any concept token. The base row
 is the frozen model's context accuracy without a token.
@@ -36,13 +40,13 @@ import torch.nn.functional as F
 from myvlm import BackboneConfig, load_backbone
 from myvlm.data import contains_identifier
 from myvlm.injection import ConceptBank, ConceptInjector, Route
-from myvlm.look import Box, look_vector, look_vectors
+from myvlm.look import Box, head_boxes, look_vector, look_vectors
 from myvlm.toyworld.bench import TRAIN_PHOTOS, BenchConfig, concept_slot, context_facts, personalize_concept
 from myvlm.toyworld.concepts import BY_NAME, CONCEPTS, concept_photos
 from myvlm.toyworld.models import load_name_vectors
 from myvlm.toyworld.scenes import SIZE, render
 
-TOKENS = ("here+name", "train+name", "name", "trained")
+TOKENS = ("here+name", "here", "train+name", "look", "name", "trained")
 
 
 def concept_box(scene) -> Box:
@@ -76,18 +80,21 @@ def score(texts: list[str], photos: list, identifier: str, named: bool = True) -
     return (float(np.mean(slots)) if slots else float("nan")), float(np.mean(facts)), float(np.mean(said))
 
 
-def tokens_for(backbone, concept, names: dict[str, torch.Tensor], photos: list,
-               pool: str) -> tuple[dict[str, torch.Tensor], Optional[Route]]:
+def tokens_for(backbone, concept, names: dict[str, torch.Tensor], photos: list, pool: str,
+               task: str = "caption") -> tuple[dict[str, torch.Tensor], Optional[Route]]:
     """Each kind of token, (n, D) for the n ``photos``, and the trained token's route."""
     n = len(photos)
     name = F.normalize(names[concept.identifier].float(), dim=0)
     here = F.normalize(look_vectors(backbone, [im for im, _ in photos], [concept_box(s) for _, s in photos]), dim=1)
-    train = concept_photos(concept, "train", TRAIN_PHOTOS)
-    trained_look = F.normalize(look_vector(backbone, [im for im, _ in train], [concept_box(s) for _, s in train]), dim=0)
-    personalized = personalize_concept(backbone, concept, 0, BenchConfig(eval_pool=pool))
+    train = [im for im, _ in concept_photos(concept, "train", TRAIN_PHOTOS)]
+    train_boxes = [concept_box(s) for _, s in concept_photos(concept, "train", TRAIN_PHOTOS)]
+    trained_look = F.normalize(look_vector(backbone, train, train_boxes), dim=0)
+    personalized = personalize_concept(backbone, concept, 0, BenchConfig(eval_pool=pool, task=task))
+    start = F.normalize(look_vector(backbone, train, head_boxes(personalized.head, train)), dim=0)
     trained = personalized.embedding.float()
-    return {"here+name": here + name, "train+name": (trained_look + name).expand(n, -1),
-            "name": name.expand(n, -1), "trained": F.normalize(trained, dim=0).expand(n, -1)}, personalized.route
+    return {"here+name": here + name, "here": here, "train+name": (trained_look + name).expand(n, -1),
+            "look": start.expand(n, -1), "name": name.expand(n, -1),
+            "trained": F.normalize(trained, dim=0).expand(n, -1)}, personalized.route
 
 
 def main() -> None:
@@ -97,6 +104,8 @@ def main() -> None:
     parser.add_argument("--concepts", nargs="*", help="concept names (default: all)")
     parser.add_argument("--positives", type=int, default=20, help="unseen photos of each concept")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--task", default="caption", choices=["caption", "vqa"],
+                        help="what the trained token learns from (vqa: captions and questions, as the LLaVA benchmark)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
@@ -111,7 +120,7 @@ def main() -> None:
         images = [im for im, _ in photos]
         results = {"base": score(captions(backbone, None, images, concept.identifier), photos, concept.identifier,
                                  named=False)}
-        tokens, route = tokens_for(backbone, concept, names, photos, args.pool)
+        tokens, route = tokens_for(backbone, concept, names, photos, args.pool, args.task)
         for kind, values in tokens.items():
             results[kind] = score(captions(backbone, values.contiguous(), images, concept.identifier,
                                            route if kind == "trained" else None), photos, concept.identifier)
