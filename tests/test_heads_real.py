@@ -139,6 +139,8 @@ def test_rotated_gray_and_cmyk_photos_of_a_person_are_recognised(face_backend, t
     raw = Image.open(tmp_path / "sideways.jpg")  # the head must honour the EXIF orientation itself
     found = head.detect([raw, Image.open(tmp_path / "cmyk.jpg"), upright.convert("L")])
     assert [d.fired for d in found] == [True, True, True]
+    seen = head.detect([upright])[0].box  # the face where it is seen, not where the stored pixels put it
+    assert found[0].box == pytest.approx(seen, abs=0.03) and found[2].box == pytest.approx(seen, abs=0.03)
 
 
 def _named(image: Image.Image, name: str) -> Image.Image:

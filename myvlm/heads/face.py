@@ -362,7 +362,7 @@ class FaceHead(ConceptHead):
     def detect(self, images: Sequence[Image.Image]) -> list[Detection]:
         """As ``ConceptHead.detect``, each detection's ``box`` the closest face's (None where there is no face)."""
         detections = []
-        for image in images:
+        for image in ensure_rgb(images):  # upright: the box is in the frame the photo is seen in
             faces, distances = self.face_distances(image)
             if not faces:
                 detections.append(Detection(float("inf"), self.threshold, False))
