@@ -11,7 +11,8 @@ threads starve the other processes). The weights depend on ``--threads`` and ``-
 ``--jobs 1`` (one part after another in this process) writes the same bytes -- on the same kind of CPU (another
 CPU's float kernels give other bytes). A part that fails does not stop
 the others: they finish and keep their weights and report, and the script exits non-zero naming it.
-``--llava`` on an idle 2-core machine: 34.8 min with all three at once on a slow day's VM (about 25 min at the speed of
+``--llava`` on an idle 2-core machine: 30.8 min with all three at once on an AMD EPYC VM (34.8 min there before the
+faster masks; about 25 min at the speed of
 the earlier runs; the LLaVA's language stage 3000 steps); 22.7 min with its 2500-step stage (both on 60000 scenes; 25.8 min
 when the LLaVA had 20000 and the BLIP-2 60000, 23.4 min with both on 20000, 20.4-25.1 min before the LLaVA's ViT was
 tuned in its language stage: the VM's speed drifts), 27.3 min with ``--jobs 2`` on 20000 scenes (see the README).
