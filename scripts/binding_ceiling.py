@@ -86,8 +86,8 @@ def tokens_for(backbone, concept, names: dict[str, torch.Tensor], photos: list, 
     n = len(photos)
     name = F.normalize(names[concept.identifier].float(), dim=0)
     here = F.normalize(look_vectors(backbone, [im for im, _ in photos], [concept_box(s) for _, s in photos]), dim=1)
-    train = [im for im, _ in concept_photos(concept, "train", TRAIN_PHOTOS)]
-    train_boxes = [concept_box(s) for _, s in concept_photos(concept, "train", TRAIN_PHOTOS)]
+    photos_train = concept_photos(concept, "train", TRAIN_PHOTOS)
+    train, train_boxes = [im for im, _ in photos_train], [concept_box(s) for _, s in photos_train]
     trained_look = F.normalize(look_vector(backbone, train, train_boxes), dim=0)
     personalized = personalize_concept(backbone, concept, 0, BenchConfig(eval_pool=pool, task=task))
     start = F.normalize(look_vector(backbone, train, head_boxes(personalized.head, train)), dim=0)
