@@ -114,7 +114,7 @@ def head_boxes(head: Any, images: Sequence[Image.Image]) -> list[Box]:
     """Where the fitted ``head`` found the concept in each of its positive ``images``: the crop a
     crop-scoring ``clip_probe`` learned from each (``fit_report.regions``), else the box its ``detect`` reports
     (a face head: the closest face), else the whole image."""
-    from myvlm.heads.features import crop_box
+    from myvlm.heads.features import crop_box, fraction_box
 
     regions = list(getattr(getattr(head, "fit_report", None), "regions", None) or [])
     if len(regions) != len(images):
@@ -124,9 +124,7 @@ def head_boxes(head: Any, images: Sequence[Image.Image]) -> list[Box]:
         if view == "id":
             boxes.append(WHOLE)
             continue
-        width, height = image.size
-        left, top, right, bottom = crop_box(view, width, height)
-        boxes.append((left / width, top / height, right / width, bottom / height))
+        boxes.append(fraction_box(crop_box(view, *image.size), image.size))
     return boxes
 
 

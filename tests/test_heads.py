@@ -27,9 +27,10 @@ from myvlm.heads import (
     match_faces,
     tiny_clip_features,
 )
-from myvlm.heads.face import Face, FaceBackend, fraction_box, register_face_backend
+from myvlm.heads.face import Face, FaceBackend, register_face_backend
 from myvlm.heads.features import (
     VIEWS, CallableFeatures, LiteRTFeatures, OpenClipFeatures, apply_view, crop_box, crop_grid, crop_view, ensure_rgb,
+    fraction_box,
 )
 from myvlm.heads.negatives import collect_negatives, count_real
 from myvlm.images import ImageError, load_image

@@ -163,6 +163,7 @@ def test_generation_gating_and_exact_detach(llava, images):
     assert not llava.language_model._forward_pre_hooks
     assert all(not layer.self_attn._forward_hooks for layer in llava.language_model.layers)
 
+
 def test_generation_without_the_cache_keeps_the_concept_tokens(llava, images):
     # without the KV cache every step runs the whole sequence again: the slots must hold the concepts each time
     prompts = ["What is this?"] * 3

@@ -39,6 +39,7 @@ from myvlm.heads.features import (
     crop_box,
     crop_grid,
     ensure_rgb,
+    fraction_box,
     shared_features,
 )
 from myvlm.heads.negatives import MIN_REAL_NEGATIVES, count_real, generic_negatives
@@ -233,9 +234,7 @@ class ClipProbeHead(ConceptHead):
         for image, score, index in zip(images, scores.tolist(), best.tolist()):
             box = None
             if self.regions[index] != "id":
-                width, height = image.size
-                left, top, right, bottom = crop_box(self.regions[index], width, height)
-                box = (left / width, top / height, right / width, bottom / height)
+                box = fraction_box(crop_box(self.regions[index], *image.size), image.size)
             detections.append(Detection(score, self.threshold, score >= self.threshold, box))
         return detections
 

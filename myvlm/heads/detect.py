@@ -23,8 +23,8 @@ import torch
 from PIL import Image
 
 from myvlm.heads.base import ConceptHead, Detection
-from myvlm.heads.face import FaceHead, fraction_box
-from myvlm.heads.features import ensure_rgb
+from myvlm.heads.face import FaceHead
+from myvlm.heads.features import ensure_rgb, fraction_box
 
 logger = logging.getLogger(__name__)
 

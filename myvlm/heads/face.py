@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from myvlm.heads.base import ConceptHead, Detection, register_head
-from myvlm.heads.features import ensure_rgb, image_digest, image_label
+from myvlm.heads.features import ensure_rgb, fraction_box, image_digest, image_label
 
 logger = logging.getLogger(__name__)
 
@@ -38,15 +38,6 @@ class Face:
     box: tuple[float, float, float, float]  # (left, top, right, bottom) in image pixels
     probability: float  # detector confidence
     embedding: torch.Tensor  # (E,) identity embedding
-
-
-def fraction_box(box: tuple[float, float, float, float], size: tuple[int, int]) -> tuple[float, float, float, float]:
-    """A face's pixel box as fractions of an image of ``size`` = (width, height), clipped to the image (detectors
-    may reach past its edges): what ``Detection.box`` holds."""
-    width, height = size
-    left, top, right, bottom = box
-    return (min(max(left / width, 0.0), 1.0), min(max(top / height, 0.0), 1.0),
-            min(max(right / width, 0.0), 1.0), min(max(bottom / height, 0.0), 1.0))
 
 
 def register_face_backend(name: str) -> Callable[[type["FaceBackend"]], type["FaceBackend"]]:

@@ -282,6 +282,15 @@ def crop_box(view: str, width: int, height: int) -> tuple[int, int, int, int]:
     return x, y, x + pixels, y + pixels
 
 
+def fraction_box(box: tuple[float, float, float, float], size: tuple[int, int]) -> tuple[float, float, float, float]:
+    """A pixel box (a crop's, a face's) as fractions of an image of ``size`` = (width, height), clipped to the image
+    (face detectors may reach past its edges): what ``Detection.box`` holds."""
+    width, height = size
+    left, top, right, bottom = box
+    return (min(max(left / width, 0.0), 1.0), min(max(top / height, 0.0), 1.0),
+            min(max(right / width, 0.0), 1.0), min(max(bottom / height, 0.0), 1.0))
+
+
 def _crop(spec: str) -> Callable[[Image.Image], Image.Image]:
     _crop_spec(spec)  # a bad name fails here, before any image is touched
 
