@@ -44,7 +44,7 @@ from myvlm.look import Box, head_boxes, look_vector, look_vectors
 from myvlm.toyworld.bench import TRAIN_PHOTOS, BenchConfig, concept_slot, context_facts, personalize_concept
 from myvlm.toyworld.concepts import BY_NAME, CONCEPTS, concept_photos
 from myvlm.toyworld.models import load_name_vectors
-from myvlm.toyworld.scenes import SIZE, render
+from myvlm.toyworld.scenes import mask_box, render
 
 TOKENS = ("here+name", "here", "train+name", "look", "name", "trained")
 
@@ -52,9 +52,7 @@ TOKENS = ("here+name", "here", "train+name", "look", "name", "trained")
 def concept_box(scene) -> Box:
     """The concept's ground-truth box in a rendered scene, as fractions of the image."""
     _, masks = render(scene, with_masks=True)
-    mask = masks[next(k for k, obj in enumerate(scene.objects) if obj.concept is not None)]
-    ys, xs = np.nonzero(mask > 0.5)
-    return xs.min() / SIZE, ys.min() / SIZE, (xs.max() + 1) / SIZE, (ys.max() + 1) / SIZE
+    return mask_box(masks[next(k for k, obj in enumerate(scene.objects) if obj.concept is not None)])
 
 
 def captions(backbone, values: Optional[torch.Tensor], images: list, identifier: str,

@@ -124,6 +124,11 @@ def parse_args() -> argparse.Namespace:
                         help="LLaVA: the Llama's depth (LlavaSizes)")
     parser.add_argument("--llava-captions", type=float, default=0.8,
                         help="LLaVA language stage: share of the samples that are captions (the rest are questions)")
+    parser.add_argument("--llava-look-pool", default="cover", choices=["cover", "box"],
+                        help="LLaVA, naming prior: its looks pooled over the patches the object covers, weighted by "
+                             "how much (cover), or as personalization pools them, over the object's box (NamingPrior)")
+    parser.add_argument("--llava-box-margin", type=float, default=0.0,
+                        help="with --llava-look-pool box: each side of the box moved out by up to this fraction")
     parser.add_argument("--skip-clip", action="store_true")
     parser.add_argument("--skip-blip2", action="store_true")
     parser.add_argument("--llava", action="store_true", help="also pretrain the tiny LLaVA")
@@ -234,7 +239,8 @@ def pretrain_llava(args, data, held_out, report: dict) -> None:
          lambda cfg: train_llava_language(model, processor, data, cfg, args.llava_naming, args.llava_same_photo,
                                           args.llava_locate, args.llava_locate_layer, held_out, args.llava_named_weight,
                                           report.setdefault("llava_prior_placement", {}), heads.get("vision"),
-                                          args.llava_vision_lr_scale, names, args.llava_captions)),
+                                          args.llava_vision_lr_scale, names, args.llava_captions,
+                                          args.llava_look_pool, args.llava_box_margin)),
     ))
     save(model, processor, args.out / "llava", names)
     t = time.perf_counter()

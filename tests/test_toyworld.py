@@ -108,6 +108,45 @@ def test_object_labels_and_second_photos():
         assert [list(row) for row in data.objects[i, :n]] == [_object_labels(o) for o in scene.objects]
         assert 0 <= data.other_object[i] < n and data.other_cover[i].sum() > 0  # others=1: every scene has one
         assert not np.array_equal(data.other_pixels[i], data.pixels[i])
+        _, masks = render(scene, with_masks=True)
+        for k, mask in enumerate(masks):  # each box holds its object's mask, tightly
+            left, top, right, bottom = (data.boxes[i, k] * SIZE).round().astype(int)
+            inside = mask[top:bottom, left:right] > 0.5
+            assert inside.sum() == (mask > 0.5).sum() and inside[0].any() and inside[:, -1].any()
+        assert (data.boxes[i, n:] == 0).all()
+        covered = np.nonzero(data.other_cover[i].reshape(4, 4) > 0.1)  # patches the second photo's object covers
+        left, top, right, bottom = data.other_box[i] * 4  # the box in patch units
+        assert (covered[0] >= np.floor(top)).all() and (covered[0] < np.ceil(bottom)).all()
+        assert (covered[1] >= np.floor(left)).all() and (covered[1] < np.ceil(right)).all()
+
+
+def test_naming_prior_pools_its_looks_over_the_box_when_asked():
+    """look_pool="box": the look is the plain mean over the patches myvlm.look would pool for the object's box
+    (as a concept's look is pooled at personalization); the margin only grows the box."""
+    from myvlm.injection import box_mask
+    from myvlm.toyworld.pretrain import NamingPrior, pool
+
+    data = make_data(8, seed=3, others=1.0)
+    idx = np.arange(8)
+    tokens = {}
+
+    def patch_features(pixels):
+        tokens["last"] = torch.randn(len(pixels), 16, 6, generator=torch.Generator().manual_seed(len(pixels)))
+        return tokens["last"]
+
+    for same in (1.0, 0.0):
+        prior = NamingPrior(6, 1.0, seed=0, same_photo=same, look_pool="box")
+        prior.prepare(patch_features, data, idx, list(range(8)))
+        boxes = data.boxes[idx, data.other_object] if same else data.other_box
+        weights = torch.stack([box_mask(16, tuple(map(float, b))).float() for b in boxes])
+        assert torch.allclose(prior.features, pool(tokens["last"], weights[:, None])[:, 0], atol=1e-6)
+        cover = torch.from_numpy(data.cover[idx, data.other_object] if same else data.other_cover)
+        assert not torch.allclose(prior.features, pool(tokens["last"], cover[:, None])[:, 0], atol=1e-3)
+    grown = NamingPrior(6, 1.0, seed=0, look_pool="box", box_margin=0.3)._box_weights(data.other_box, 16)
+    exact = NamingPrior(6, 1.0, seed=0, look_pool="box")._box_weights(data.other_box, 16)
+    assert (grown >= exact).all() and grown.sum() > exact.sum()
+    with pytest.raises(ValueError, match="look_pool"):
+        NamingPrior(6, 1.0, seed=0, look_pool="crop")
 
 
 def test_variation_draws_scenes_as_the_concept_photos_vary():

@@ -27,13 +27,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from myvlm.injection import ConceptBank, ConceptInjector
+from myvlm.injection import ConceptBank, ConceptInjector, box_mask
 from myvlm.toyworld.concepts import CONCEPTS
 from myvlm.toyworld.models import PixelNormaliser, clip_text_ids
 from myvlm.toyworld.scenes import (
     CATEGORIES, COLOURS, DETAILS, NAMES, PATTERN_COLOURS, PATTERNS, PHOTO_VARIATION, SIZE, SIZES, Appearance,
     Scene,
-    caption, render, sample_scene,
+    caption, mask_box, render, sample_scene,
 )
 
 logger = logging.getLogger(__name__)
@@ -63,6 +63,8 @@ class WorldData:
     other_pixels: Optional[np.ndarray] = None  # (N, H, W, 3) uint8
     other_cover: Optional[np.ndarray] = None  # (N, G*G) float32
     other_object: Optional[np.ndarray] = None  # (N,) int64, index into scenes[i].objects, or -1
+    boxes: Optional[np.ndarray] = None  # (N, MAX_OBJECTS, 4) float32: each object's box (left, top, right, bottom)
+    other_box: Optional[np.ndarray] = None  # (N, 4) float32: the object's box in its second photo
 
 
 def _object_labels(obj) -> list[int]:
@@ -110,6 +112,8 @@ def make_data(n: int, seed: int, patch: int = 16, details: float = 0.0, others: 
     other_pixels = np.zeros((n, SIZE, SIZE, 3), np.uint8) if others else None
     other_cover = np.zeros((n, cells), np.float32) if others else None
     other_object = np.full(n, -1, np.int64)
+    boxes = np.zeros((n, MAX_OBJECTS, 4), np.float32)
+    other_box = np.zeros((n, 4), np.float32) if others else None
     captions, scenes = [], []
     for i in range(n):
         photo = variation > 0 and rng.random() < variation  # no draw at 0: the default data stay as they were
@@ -120,15 +124,17 @@ def make_data(n: int, seed: int, patch: int = 16, details: float = 0.0, others: 
         pixels[i] = np.asarray(image)
         for k, (obj, mask) in enumerate(zip(scene.objects, masks)):
             cover[i, k] = patch_cover(mask, patch)
+            boxes[i, k] = mask_box(mask)
             objects[i, k] = _object_labels(obj)
         if others and rng.random() < others:
             k = int(rng.integers(len(scene.objects)))
             other, index = another_photo(scene.objects[k], rng)
             image, masks = render(other, with_masks=True)
             other_pixels[i], other_cover[i], other_object[i] = np.asarray(image), patch_cover(masks[index], patch), k
+            other_box[i] = mask_box(masks[index])
         captions.append(caption(scene))
         scenes.append(scene)
-    return WorldData(pixels, captions, cover, objects, scenes, other_pixels, other_cover, other_object)
+    return WorldData(pixels, captions, cover, objects, scenes, other_pixels, other_cover, other_object, boxes, other_box)
 
 
 def cosine_lr(step: int, total: int, peak: float, warmup: int = 50) -> float:
@@ -346,8 +352,10 @@ class NamingPrior(nn.Module):
     """
 
     def __init__(self, width: int, probability: float, seed: int, same_photo: float = 0.5,
-                 name_noise: float = 0.0):
+                 name_noise: float = 0.0, look_pool: str = "cover", box_margin: float = 0.0):
         super().__init__()
+        if look_pool not in ("cover", "box"):
+            raise ValueError(f"look_pool must be 'cover' or 'box', not {look_pool!r}")
         self.table = nn.Parameter(torch.randn(len(NAMES), width))  # (names, D)
         self.probability = probability  # fraction of the scenes with a second photo that get a name
         self.same_photo = same_photo  # fraction of those whose look comes from the scene itself (easier to bind)
@@ -359,6 +367,12 @@ class NamingPrior(nn.Module):
         # unit name vector): the name must be read from the name part, and nothing else in it may steer where
         self.name_noise = name_noise
         self.noise = torch.Generator().manual_seed(seed + 3)
+        # how the look is pooled: "cover", the patches weighted by how much of each the object covers; "box", the
+        # plain mean over the patches whose centres lie in the object's box, as myvlm.look pools a concept's look
+        # at personalization (from a head's crop or a face box), each side of the box moved out by a random
+        # fraction of the image up to ``box_margin`` (a head's crop is coarser than the object)
+        self.look_pool = look_pool
+        self.box_margin = box_margin
 
     def plan(self, data: WorldData, i: int) -> tuple[Scene, int]:
         """(scene ``i`` as the targets describe it, name index or -1): with a name, one object carries it."""
@@ -382,13 +396,24 @@ class NamingPrior(nn.Module):
         if chosen:
             same = self.rng.random(len(chosen)) < self.same_photo
             pixels = np.where(same[:, None, None, None], data.pixels[chosen], data.other_pixels[chosen])
-            own = data.cover[chosen, data.other_object[chosen]]  # (n, G*G) the object's cover in the scene itself
-            cover = np.where(same[:, None], own, data.other_cover[chosen])
+            if self.look_pool == "box":
+                own = data.boxes[chosen, data.other_object[chosen]]  # (n, 4) the object's box in the scene itself
+                cover = self._box_weights(np.where(same[:, None], own, data.other_box[chosen]), data.cover.shape[-1])
+            else:
+                own = data.cover[chosen, data.other_object[chosen]]  # (n, G*G) its cover in the scene itself
+                cover = np.where(same[:, None], own, data.other_cover[chosen])
             tokens = patch_features(PixelNormaliser()(pixels))
             pooled = pool(tokens, torch.from_numpy(cover)[:, None])[:, 0]
             self.features = torch.zeros(len(idx), tokens.shape[-1])
             self.features[torch.tensor([n >= 0 for n in names])] = pooled
             self.from_other[torch.tensor([n >= 0 for n in names])] = torch.from_numpy(~same)
+
+    def _box_weights(self, boxes: np.ndarray, patches: int) -> np.ndarray:
+        """(n, G*G) float32: 1 on the patches ``myvlm.look`` would pool for each box (n, 4), after the margins."""
+        if self.box_margin > 0:
+            grow = self.rng.uniform(0, self.box_margin, size=boxes.shape) * np.array([-1, -1, 1, 1])
+            boxes = np.clip(boxes + grow, 0.0, 1.0)
+        return np.stack([box_mask(patches, tuple(map(float, box))).numpy() for box in boxes]).astype(np.float32)
 
     def vectors(self) -> dict[str, torch.Tensor]:
         """{name: its learned vector (D,)}, a copy."""
@@ -992,14 +1017,15 @@ def train_llava_language(model, processor, data: WorldData, cfg: StageConfig, na
                          held_out: Optional[WorldData] = None, named_weight: float = 1.0,
                          placement: Optional[dict] = None, heads: Optional[ObjectHeads] = None,
                          vision_lr_scale: float = 0.0, name_vectors: Optional[dict] = None,
-                         captions: float = 0.8) -> list[float]:
+                         captions: float = 0.8, look_pool: str = "cover", box_margin: float = 0.0) -> list[float]:
     """Projector + Llama learn captions and answers through the backbone's own batch builder; ``naming`` > 0
     adds the NamingPrior, its token inserted by the backbone's concept slots at the projector input;
     ``locate`` > 0 weighs the ``ObjectLocator`` objective (read after decoder layer ``locate_layer``);
     ``named_weight``: see ``placement_weights``; ``held_out``, ``placement``: as in ``train_language``.
     ``vision_lr_scale`` > 0 (with the vision stage's ``heads``): the vision tower is tuned too, at that fraction
     of the learning rate, its object objective kept, as the BLIP-2's is in ``train_language``. ``name_vectors``: as
-    there. ``captions``: the share of samples that are captions (the others are questions, ``llava_task``)."""
+    there. ``captions``: the share of samples that are captions (the others are questions, ``llava_task``).
+    ``look_pool``, ``box_margin``: how the naming prior pools its looks (``NamingPrior``)."""
     from PIL import Image
 
     from myvlm.backbones.llava import LlavaBackbone
@@ -1007,7 +1033,7 @@ def train_llava_language(model, processor, data: WorldData, cfg: StageConfig, na
 
     backbone = LlavaBackbone(model, processor, BackboneConfig("toyworld-llava", device="cpu", dtype="float32"))
     placement = {} if placement is None else placement
-    prior = NamingPrior(backbone.concept_dim, naming, cfg.seed, same_photo)
+    prior = NamingPrior(backbone.concept_dim, naming, cfg.seed, same_photo, look_pool=look_pool, box_margin=box_margin)
     trainable = [*model.model.multi_modal_projector.parameters(), *model.model.language_model.parameters(),
                  *model.lm_head.parameters()]
     for p in trainable:

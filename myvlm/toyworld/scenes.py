@@ -331,5 +331,14 @@ def render(scene: Scene, with_masks: bool = False):
     return (image, masks) if with_masks else image
 
 
+def mask_box(mask: np.ndarray) -> tuple[float, float, float, float]:
+    """A rendered object's box (left, top, right, bottom), fractions of the image: what a box from a detector
+    or the ground truth gives ``myvlm.look``; the whole image for an empty mask."""
+    ys, xs = np.nonzero(mask > 0.5)
+    if not len(xs):
+        return 0.0, 0.0, 1.0, 1.0
+    return xs.min() / SIZE, ys.min() / SIZE, (xs.max() + 1) / SIZE, (ys.max() + 1) / SIZE
+
+
 def with_background(scene: Scene, background: str) -> Scene:
     return replace(scene, background=background)
