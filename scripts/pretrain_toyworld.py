@@ -11,11 +11,9 @@ threads starve the other processes). The weights depend on ``--threads`` and ``-
 ``--jobs 1`` (one part after another in this process) writes the same bytes -- on the same kind of CPU (another
 CPU's float kernels give other bytes). A part that fails does not stop
 the others: they finish and keep their weights and report, and the script exits non-zero naming it.
-``--llava`` on an idle 2-core machine: 30.8 min with all three at once on an AMD EPYC VM (34.8 min there before the
-faster masks; about 25 min at the speed of
-the earlier runs; the LLaVA's language stage 3000 steps); 22.7 min with its 2500-step stage (both on 60000 scenes; 25.8 min
-when the LLaVA had 20000 and the BLIP-2 60000, 23.4 min with both on 20000, 20.4-25.1 min before the LLaVA's ViT was
-tuned in its language stage: the VM's speed drifts), 27.3 min with ``--jobs 2`` on 20000 scenes (see the README).
+``--llava`` on an idle 2-core machine (an AMD EPYC VM, the default ``--jobs 2``: the LLaVA on one core, the
+BLIP-2 then the CLIP on the other): 29.0 min; 30.8 min with all three at once (34.8 min there before the faster
+masks; the VM's speed drifts: 22.7 min on a faster day, see the README).
 
 Writes ``<out>/blip2`` and ``<out>/llava`` (load with ``myvlm.load_backbone``), ``<out>/clip.safetensors``
 and ``<out>/pretrain_report.json`` (losses, wall times and the captioners' accuracy on fresh scenes).
@@ -47,7 +45,7 @@ from myvlm.toyworld.pretrain import (
 )
 
 logger = logging.getLogger("pretrain_toyworld")
-PARTS = ("blip2", "llava", "clip")  # longest first: --jobs starts them in this order
+PARTS = ("blip2", "llava", "clip")  # --jobs starts them in this order: the CLIP, the shortest, last
 LANGUAGE_LR = 1e-3  # peak learning rate of the language stages (the vision stages take --vision-lr)
 
 
@@ -132,9 +130,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--skip-clip", action="store_true")
     parser.add_argument("--skip-blip2", action="store_true")
     parser.add_argument("--llava", action="store_true", help="also pretrain the tiny LLaVA")
-    parser.add_argument("--jobs", type=int, default=len(PARTS),
-                        help="parts (BLIP-2, LLaVA, CLIP) pretrained at a time, in child processes (default: all); "
-                             "1 = one after another in this process. Does not change the weights")
+    parser.add_argument("--jobs", type=int, default=min(len(PARTS), os.cpu_count() or 1),
+                        help="parts (BLIP-2, LLaVA, CLIP) pretrained at a time, in child processes (default: one per "
+                             "core, at most all three; on 2 cores the LLaVA on one, the BLIP-2 then the CLIP on the "
+                             "other); 1 = one after another in this process. Does not change the weights")
     parser.add_argument("--only", choices=PARTS, help="pretrain this part alone (what --jobs runs in each child)")
     parser.add_argument("--report", type=Path, help="where to write the report (default <out>/pretrain_report.json)")
     args = parser.parse_args()
