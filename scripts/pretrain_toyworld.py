@@ -12,8 +12,8 @@ threads starve the other processes). The weights depend on ``--threads`` and ``-
 CPU's float kernels give other bytes). A part that fails does not stop
 the others: they finish and keep their weights and report, and the script exits non-zero naming it.
 ``--llava`` on an idle 2-core machine (an AMD EPYC VM, the default ``--jobs 2``: the LLaVA on one core, the
-BLIP-2 then the CLIP on the other): 29.0 min; 30.8 min with all three at once (34.8 min there before the faster
-masks; the VM's speed drifts: 22.7 min on a faster day, see the README).
+BLIP-2 then the CLIP on the other): 25.9 and 29.0 min on two days; 30.8 min with all three at once (34.8 min there
+before the faster masks; the VM's speed drifts: 22.7 min on a faster day, see the README).
 
 Writes ``<out>/blip2`` and ``<out>/llava`` (load with ``myvlm.load_backbone``), ``<out>/clip.safetensors``
 and ``<out>/pretrain_report.json`` (losses, wall times and the captioners' accuracy on fresh scenes).
@@ -77,6 +77,9 @@ def parse_args() -> argparse.Namespace:
                         help="BLIP-2 scenes: fraction drawn with the pose, scale and lighting ranges of the personal "
                              "concepts' photos (scenes.PHOTO_VARIATION); 0 = none")
     parser.add_argument("--llava-variation", type=float, default=0.0, help="--variation for the LLaVA's scenes")
+    parser.add_argument("--llava-look-alikes", type=float, default=0.25,
+                        help="fraction of the LLaVA's scenes that set a patterned object beside a look-alike (same "
+                             "category, other colours or pattern: worded alike) and name it in the prior's second photo")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--eval-n", type=int, default=300, help="fresh scenes for the accuracy report")
     parser.add_argument("--threads", type=int, default=1,
@@ -262,15 +265,16 @@ def run_in_process(args, parts: list[str]) -> dict:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     report, started = new_report(args), time.perf_counter()
-    rendered: dict[tuple[int, float, float], WorldData] = {}
+    rendered: dict[tuple[int, float, float, float], WorldData] = {}
 
-    def scenes(n: int, details: float, variation: float) -> WorldData:
-        if (n, details, variation) not in rendered:
+    def scenes(n: int, details: float, variation: float, look_alikes: float = 0.0) -> WorldData:
+        key = (n, details, variation, look_alikes)
+        if key not in rendered:
             t = time.perf_counter()
-            rendered[n, details, variation] = make_data(n, args.seed, Blip2Sizes().patch_size, details=details,
-                                                        others=1.0, variation=variation)
+            rendered[key] = make_data(n, args.seed, Blip2Sizes().patch_size, details=details, others=1.0,
+                                      variation=variation, look_alikes=look_alikes)
             report["seconds"]["data"] = round(report["seconds"].get("data", 0.0) + time.perf_counter() - t, 1)
-        return rendered[n, details, variation]
+        return rendered[key]
 
     held_out = None
     if "blip2" in parts or "llava" in parts:  # fresh scenes without details, second photos for prior_slots
@@ -280,7 +284,7 @@ def run_in_process(args, parts: list[str]) -> dict:
     if "clip" in parts:
         pretrain_clip(args, report)
     if "llava" in parts:
-        pretrain_llava(args, scenes(args.llava_n_train, args.llava_details, args.llava_variation), held_out, report)
+        pretrain_llava(args, scenes(args.llava_n_train, args.llava_details, args.llava_variation, args.llava_look_alikes), held_out, report)
     report["seconds"]["total"] = round(time.perf_counter() - started, 1)
     return report
 

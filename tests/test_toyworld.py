@@ -162,6 +162,28 @@ def test_variation_draws_scenes_as_the_concept_photos_vary():
     assert plain.captions == [caption(sample_scene(rng)) for _ in range(30)]
 
 
+def test_look_alike_scenes_name_the_patterned_object_beside_its_look_alike():
+    """``make_data(look_alikes=...)``: a patterned object beside one of its category that differs only in colours
+    or pattern, and the second photo (what the naming prior names) of that object; at 0 the data are unchanged."""
+    plain, mixed = make_data(40, seed=6, others=1.0), make_data(40, seed=6, others=1.0, look_alikes=0.5)
+    assert plain.captions == make_data(40, seed=6, others=1.0, look_alikes=0.0).captions
+    alike = [i for i, s in enumerate(mixed.scenes) if any(o.concept == "look-alike" for o in s.objects)]
+    assert 10 <= len(alike) <= 30
+    for i in alike:
+        scene, k = mixed.scenes[i], int(mixed.other_object[i])
+        look = scene.objects[k]
+        assert look.concept == "look-alike" and look.appearance.pattern and look.name is None
+        a = look.appearance
+
+        def differs_in_one(b):  # same category; other colours or another pattern, not both
+            same_pattern, same_colours = b.pattern == a.pattern, (b.fill, b.second) == (a.fill, a.second)
+            return b.category == a.category and same_pattern != same_colours
+
+        assert any(differs_in_one(o.appearance) and o.name is None for o in scene.objects)
+        assert 2 <= len(scene.objects) <= 3
+        assert mixed.other_cover[i].sum() > 0  # the second photo shows it
+
+
 def test_look_alike_photos_swap_only_the_shared_object():
     """The CLIP stage's third view: the anchor photo with its shared object replaced by one of the same
     category that differs in colours, pattern or detail; everything else in the scene is kept."""

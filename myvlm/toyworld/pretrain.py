@@ -33,7 +33,7 @@ from myvlm.toyworld.models import PixelNormaliser, clip_text_ids
 from myvlm.toyworld.scenes import (
     CATEGORIES, COLOURS, DETAILS, NAMES, PATTERN_COLOURS, PATTERNS, PHOTO_VARIATION, SIZE, SIZES, Appearance,
     Scene,
-    caption, mask_box, render, sample_scene,
+    NAME_OF, caption, mask_box, random_appearance, render, sample_scene,
 )
 
 logger = logging.getLogger(__name__)
@@ -99,11 +99,29 @@ def another_photo(obj, rng: np.random.Generator) -> tuple[Scene, int]:
     return scene, next(k for k, o in enumerate(scene.objects) if o.concept == "other")
 
 
+def look_alike_scene(rng: np.random.Generator) -> Scene:
+    """A scene of 2-3 objects, one of them patterned (concept ``"look-alike"``) beside another of its category
+    and pattern or colours: the caption words them alike ("a striped circle"), only the colours or the
+    pattern tell them apart -- the confusion a personal concept's token must resolve among its look-alikes."""
+    look, _ = random_appearance(rng, kind="patterned")
+    while True:
+        if rng.random() < 0.5:
+            fill, second = (str(x) for x in rng.choice(list(PATTERN_COLOURS), size=2, replace=False))
+            other = replace(look, fill=fill, second=second)
+        else:
+            other = replace(look, pattern=PATTERNS[int(rng.integers(len(PATTERNS)))])
+        if other.key() != look.key() and other.key() not in NAME_OF:
+            break
+    return sample_scene(rng, n_objects=int(rng.choice([2, 3], p=[0.6, 0.4])),
+                        fixed=[(look, None, "look-alike"), (other, None, None)])
+
+
 def make_data(n: int, seed: int, patch: int = 16, details: float = 0.0, others: float = 0.0,
-              variation: float = 0.0) -> WorldData:
+              variation: float = 0.0, look_alikes: float = 0.0) -> WorldData:
     """``n`` rendered scenes with captions and labels (about 3 ms per scene, 6 with a second photo);
     a fraction ``others`` of them gets a second photo of one of its objects (the naming prior's), a fraction
-    ``variation`` is drawn with the pose, scale and lighting ranges of photos (``PHOTO_VARIATION``)."""
+    ``variation`` is drawn with the pose, scale and lighting ranges of photos (``PHOTO_VARIATION``), a fraction
+    ``look_alikes`` is a ``look_alike_scene`` whose second photo (if any) is of the patterned object."""
     rng = np.random.default_rng(seed)
     cells = (SIZE // patch) ** 2
     pixels = np.zeros((n, SIZE, SIZE, 3), np.uint8)
@@ -117,7 +135,8 @@ def make_data(n: int, seed: int, patch: int = 16, details: float = 0.0, others: 
     captions, scenes = [], []
     for i in range(n):
         photo = variation > 0 and rng.random() < variation  # no draw at 0: the default data stay as they were
-        scene = sample_scene(rng, **(PHOTO_VARIATION if photo else {}))
+        alike = look_alikes > 0 and rng.random() < look_alikes
+        scene = look_alike_scene(rng) if alike else sample_scene(rng, **(PHOTO_VARIATION if photo else {}))
         if details:
             add_details(scene, rng, details)
         image, masks = render(scene, with_masks=True)
@@ -127,7 +146,7 @@ def make_data(n: int, seed: int, patch: int = 16, details: float = 0.0, others: 
             boxes[i, k] = mask_box(mask)
             objects[i, k] = _object_labels(obj)
         if others and rng.random() < others:
-            k = int(rng.integers(len(scene.objects)))
+            k = [o.concept for o in scene.objects].index("look-alike") if alike else int(rng.integers(len(scene.objects)))
             other, index = another_photo(scene.objects[k], rng)
             image, masks = render(other, with_masks=True)
             other_pixels[i], other_cover[i], other_object[i] = np.asarray(image), patch_cover(masks[index], patch), k
@@ -610,8 +629,6 @@ def object_pairs(n: int, seed: int, look_alikes: bool = False) -> tuple[WorldDat
     """``n`` pairs of photos sharing one object (any look, details included, never a personal concept's),
     with different pose, scale, lighting, background and other objects: what "the same object" means.
     ``look_alikes``: a third view, the first photo with that object swapped for a look-alike."""
-    from myvlm.toyworld.scenes import random_appearance
-
     rng = np.random.default_rng(seed)
     views: list[list[Scene]] = [[], [], []] if look_alikes else [[], []]
     for _ in range(n):
