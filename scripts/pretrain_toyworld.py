@@ -77,9 +77,10 @@ def parse_args() -> argparse.Namespace:
                         help="BLIP-2 scenes: fraction drawn with the pose, scale and lighting ranges of the personal "
                              "concepts' photos (scenes.PHOTO_VARIATION); 0 = none")
     parser.add_argument("--llava-variation", type=float, default=0.0, help="--variation for the LLaVA's scenes")
-    parser.add_argument("--llava-look-alikes", type=float, default=0.25,
-                        help="fraction of the LLaVA's scenes that set a patterned object beside a look-alike (same "
-                             "category, other colours or pattern: worded alike) and name it in the prior's second photo")
+    parser.add_argument("--look-alikes", type=float, default=0.0,
+                        help="BLIP-2 scenes: fraction that set a patterned object beside a look-alike (same category, "
+                             "other colours or pattern: worded alike) and name it in the prior's second photo")
+    parser.add_argument("--llava-look-alikes", type=float, default=0.25, help="--look-alikes for the LLaVA's scenes")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--eval-n", type=int, default=300, help="fresh scenes for the accuracy report")
     parser.add_argument("--threads", type=int, default=1,
@@ -267,7 +268,7 @@ def run_in_process(args, parts: list[str]) -> dict:
     report, started = new_report(args), time.perf_counter()
     rendered: dict[tuple[int, float, float, float], WorldData] = {}
 
-    def scenes(n: int, details: float, variation: float, look_alikes: float = 0.0) -> WorldData:
+    def scenes(n: int, details: float, variation: float, look_alikes: float) -> WorldData:
         key = (n, details, variation, look_alikes)
         if key not in rendered:
             t = time.perf_counter()
@@ -280,11 +281,12 @@ def run_in_process(args, parts: list[str]) -> dict:
     if "blip2" in parts or "llava" in parts:  # fresh scenes without details, second photos for prior_slots
         held_out = make_data(400, args.seed + 99, Blip2Sizes().patch_size, others=1.0)
     if "blip2" in parts:
-        pretrain_blip2(args, scenes(args.n_train, args.details, args.variation), held_out, report)
+        pretrain_blip2(args, scenes(args.n_train, args.details, args.variation, args.look_alikes), held_out, report)
     if "clip" in parts:
         pretrain_clip(args, report)
     if "llava" in parts:
-        pretrain_llava(args, scenes(args.llava_n_train, args.llava_details, args.llava_variation, args.llava_look_alikes), held_out, report)
+        data = scenes(args.llava_n_train, args.llava_details, args.llava_variation, args.llava_look_alikes)
+        pretrain_llava(args, data, held_out, report)
     report["seconds"]["total"] = round(time.perf_counter() - started, 1)
     return report
 
