@@ -102,7 +102,9 @@ def another_photo(obj, rng: np.random.Generator) -> tuple[Scene, int]:
 def look_alike_scene(rng: np.random.Generator) -> Scene:
     """A scene of 2-3 objects, one of them patterned (concept ``"look-alike"``) beside another of its category
     and pattern or colours: the caption words them alike ("a striped circle"), only the colours or the
-    pattern tell them apart -- the confusion a personal concept's token must resolve among its look-alikes."""
+    pattern tell them apart -- the confusion a personal concept's token must resolve among its look-alikes.
+    Not ``look_alike``: that one may also change the detail (details stay out of these scenes) and avoids only
+    the concepts' looks, where these scenes, as ``random_appearance``, must never show a named look unnamed."""
     look, _ = random_appearance(rng, kind="patterned")
     while True:
         if rng.random() < 0.5:
@@ -146,7 +148,8 @@ def make_data(n: int, seed: int, patch: int = 16, details: float = 0.0, others: 
             boxes[i, k] = mask_box(mask)
             objects[i, k] = _object_labels(obj)
         if others and rng.random() < others:
-            k = [o.concept for o in scene.objects].index("look-alike") if alike else int(rng.integers(len(scene.objects)))
+            tags = [o.concept for o in scene.objects]
+            k = tags.index("look-alike") if alike else int(rng.integers(len(scene.objects)))
             other, index = another_photo(scene.objects[k], rng)
             image, masks = render(other, with_masks=True)
             other_pixels[i], other_cover[i], other_object[i] = np.asarray(image), patch_cover(masks[index], patch), k
